@@ -6,6 +6,7 @@ from __future__ import annotations
 # =============================================================================
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -64,17 +65,528 @@ LPS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 # 3. Noise schedule
 # =============================================================================
 
+class Schedule:
+    """The forward (noising) process: variance preserving, linear betas.
+
+    Notation (one symbol, one name):
+        T            number of training timesteps, t in 0..T-1
+        beta_t       linspace(beta_start, beta_end, T)
+        abar_t       alpha_bar[t] = prod_{s<=t} (1 - beta_s)
+        alpha_t      sqrt(abar_t)         (signal scale)
+        sigma_t      sqrt(1 - abar_t)     (noise scale)
+        x_t          alpha_t x0 + sigma_t eps
+    t = -1 stands for "before the first step": alpha = 1, sigma = 0 (the sampler's
+    final landing). Tables are float64; values are cast to the data's dtype.
+    """
+
+    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2):
+        if T < 2 or not 0 < beta_start < beta_end < 1:
+            raise ValueError(f"Schedule needs T >= 2 and 0 < beta_start < beta_end < 1, got {T}, {beta_start}, {beta_end}")
+        self.T, self.beta_start, self.beta_end = int(T), float(beta_start), float(beta_end)
+        self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)  # (T,)
+        self.alpha_bar = torch.cumprod(1.0 - self.betas, 0)                         # (T,)
+
+    def config(self) -> dict:
+        return {"T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end, "kind": "linear"}
+
+    def _check_t(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"timesteps must be integers in -1..{self.T - 1}, got dtype {t.dtype}")
+        if t.numel() and (int(t.min()) < -1 or int(t.max()) >= self.T):
+            raise ValueError(f"timesteps must lie in -1..{self.T - 1} (-1: the clean end), got {int(t.min())}..{int(t.max())}")
+        return t
+
+    def alpha_sigma(self, t, like: torch.Tensor | None = None):
+        """(alpha_t, sigma_t) for integer timesteps t (B,), reshaped to (B, 1, ..., 1) to
+        broadcast against `like` (B, ...) and cast to its dtype and device."""
+        t = self._check_t(t)
+        abar = torch.where(t >= 0, self.alpha_bar[t.clamp(min=0).cpu()], torch.ones((), dtype=torch.float64))
+        alpha, sigma = abar.sqrt(), (1.0 - abar).clamp(min=0).sqrt()
+        if like is not None:
+            shape = (-1,) + (1,) * (like.ndim - 1)
+            alpha = alpha.reshape(shape).to(like.device, like.dtype)
+            sigma = sigma.reshape(shape).to(like.device, like.dtype)
+        return alpha, sigma
+
+    def snr(self, t) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_t^2 / sigma_t^2 (float64, shape of t)."""
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha**2 / sigma**2
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t eps. x0, noise: (B, ...); t: (B,) long."""
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
+
+
+def _schedule(schedule):
+    return _DEFAULT_SCHEDULE if schedule is None else schedule
+
+
+_DEFAULT_SCHEDULE = Schedule()
+
 # =============================================================================
 # 4. Parameterizations: targets, conversions, loss, implied weights
 # =============================================================================
+
+# What each parameterization asks the network to output (alpha, sigma from the schedule):
+#
+#   | prediction | target u               | x0 from output u              | weight w(t) on |x0_hat - x0|^2 |
+#   | noise      | eps                    | (x_t - sigma u) / alpha       | SNR = alpha^2 / sigma^2          |
+#   | sample     | x0                     | u                             | 1                                |
+#   | velocity   | alpha eps - sigma x0   | alpha x_t - sigma u           | 1 + SNR = 1 / sigma^2            |
+#   | flow       | eps - x0               | (x_t - sigma u) / (alpha + sigma) | (1 + sqrt(SNR))^2            |
+#
+# The loss (target space) and the sampler (x0 space) both go through target() and
+# to_x0_eps(): one formula, one place.
+
+
+def target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, t, schedule=None) -> torch.Tensor:
+    """The network's regression target u for x0, noise (B, ...) at timesteps t (B,)."""
+    prediction = canonical_prediction(prediction)
+    alpha, sigma = _schedule(schedule).alpha_sigma(t, x0)
+    if prediction == "noise":
+        return noise
+    if prediction == "sample":
+        return x0
+    if prediction == "velocity":
+        return alpha * noise - sigma * x0
+    return noise - x0  # flow
+
+
+def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule=None, clip: bool = True):
+    """Convert a network output u (B, ...) at x_t, t into (x0_hat, eps_hat).
+
+    x0_hat follows the table above; with clip=True it is clipped to [-1, 1] and
+    eps_hat = (x_t - alpha x0_hat) / sigma is taken from the clipped x0_hat so the
+    pair stays consistent (x_t = alpha x0_hat + sigma eps_hat exactly). Needs t >= 0.
+    """
+    prediction = canonical_prediction(prediction)
+    alpha, sigma = _schedule(schedule).alpha_sigma(t, x_t)
+    if prediction == "noise":
+        x0 = (x_t - sigma * output) / alpha
+    elif prediction == "sample":
+        x0 = output
+    elif prediction == "velocity":
+        x0 = alpha * x_t - sigma * output
+    else:  # flow
+        x0 = (x_t - sigma * output) / (alpha + sigma)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    return x0, (x_t - alpha * x0) / sigma
+
+
+def x0_loss_weight(prediction: str, t, schedule=None) -> torch.Tensor:
+    """w(t) such that |u_hat - u|^2 = w(t) |x0_hat - x0|^2 for this prediction: the weight the
+    prediction's MSE implicitly puts on the x0 error. Returns (B,) float64."""
+    prediction = canonical_prediction(prediction)
+    alpha, sigma = _schedule(schedule).alpha_sigma(t)
+    snr = alpha**2 / sigma**2
+    return {"noise": snr, "sample": torch.ones_like(snr), "velocity": 1.0 + snr,
+            "flow": (1.0 + snr.sqrt()) ** 2}[prediction]
+
+
+def diffusion_loss(model, x0: torch.Tensor, prediction: str, schedule=None, generator=None) -> torch.Tensor:
+    """The training loss: mean((model(x_t, t) - u)^2) in the prediction's own target space,
+    t ~ Uniform{0..T-1} and eps ~ N(0, I) per item. x0: (B, C, *S) in [-1, 1]."""
+    schedule = _schedule(schedule)
+    gen_device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    x_t = schedule.add_noise(x0, noise, t)
+    return F.mse_loss(model(x_t, t).float(), target(prediction, x0, noise, t, schedule).float())
 
 # =============================================================================
 # 5. The 3D U-Net
 # =============================================================================
 
+# The layout below reproduces the parameter names and shapes of MONAI's
+# DiffusionModelUNet (spatial_dims=3, resblock_updown=False, no conditioning), so
+# the published state dicts load strictly. Only the computation differs:
+# in-place activations where no gradient needs them, skips released as soon as
+# they are used, SDPA attention, and a fused nearest-upsample + conv.
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim): [cos(t f_k), sin(t f_k)], f_k = max_period^(-k / (dim // 2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _norm_act(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)); the activation is in place unless autograd needs its input."""
+    h = norm(x)
+    return F.silu(h, inplace=not h.requires_grad)
+
+
+class _Conv(nn.Module):
+    """A 'same' convolution held as `.conv` (state-dict keys '<name>.conv.weight', as in MONAI).
+
+    A 1x1x1 convolution runs as a matrix product over the flattened voxels, which
+    the CPU backends do about 3x faster than their convolution kernels.
+    """
+
+    def __init__(self, dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 1):
+        super().__init__()
+        self.conv = getattr(nn, f"Conv{dims}d")(cin, cout, kernel, stride=stride, padding=kernel // 2)
+        self.pointwise = kernel == 1 and stride == 1
+
+    def forward(self, x):
+        if not self.pointwise:
+            return self.conv(x)
+        w, b = self.conv.weight, self.conv.bias
+        y = torch.matmul(w.flatten(1), x.flatten(2))  # (Cout, Cin) @ (B, Cin, N) -> (B, Cout, N)
+        return y.add_(b.to(y.dtype)[:, None]).reshape(x.shape[0], -1, *x.shape[2:])
+
+
+class _Downsample(nn.Module):
+    """3x3x3 convolution with stride 2: (B, C, *S) -> (B, C, *S/2)."""
+
+    def __init__(self, dims: int, channels: int):
+        super().__init__()
+        self.op = _Conv(dims, channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class _Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling, then a 3x3x3 convolution `postconv`: (B, C, *S) -> (B, C, *2S).
+
+    Computed on the coarse grid without building the upsampled copy. Along one
+    axis, fine voxel 2j + p sees coarse voxels j-1+p and j+p, and the three fine
+    taps (w_-1, w_0, w_+1) fold into two coarse taps: (w_-1, w_0 + w_+1) for p = 0,
+    (w_-1 + w_0, w_+1) for p = 1. One 2x2x2 convolution with 2**dims * C outputs
+    (one group per parity) on the input padded by 1 gives every parity; parity p
+    then starts at offset p. 8 instead of 27 multiply-adds per output voxel.
+    """
+
+    _FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],   # p = 0: taps on coarse j-1, j
+                          [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # p = 1: taps on coarse j, j+1
+
+    def __init__(self, dims: int, channels: int):
+        super().__init__()
+        self.dims = dims
+        self.postconv = _Conv(dims, channels, channels, 3)
+        self.parities = list(itertools.product((0, 1), repeat=dims))
+
+    def folded_weight(self) -> torch.Tensor:
+        """(2**dims * C, C, 2, ..., 2): the coarse-grid kernels of every parity, stacked."""
+        w = self.postconv.conv.weight  # (C, C, 3, ..., 3)
+        fold = self._FOLD.to(w.device, w.dtype)
+        kernels = []
+        for parity in self.parities:
+            k = w
+            for axis, p in enumerate(parity):  # contract this axis' 3 taps into 2
+                k = torch.tensordot(k, fold[p], dims=([2 + axis], [1])).movedim(-1, 2 + axis)
+            kernels.append(k)
+        return torch.cat(kernels, 0)
+
+    def forward(self, x):
+        B, C, S, d = x.shape[0], x.shape[1], x.shape[2:], self.dims
+        conv = getattr(F, f"conv{d}d")
+        y = conv(F.pad(x, (1, 1) * d), self.folded_weight(), self.postconv.conv.bias.repeat(2**d))
+        y = y.reshape(B, 2**d, C, *(s + 1 for s in S))          # (B, parity, C, *(S + 1))
+        out = y.new_empty(B, C, *itertools.chain.from_iterable((s, 2) for s in S))  # (B, C, S0, 2, S1, 2, ...)
+        for i, parity in enumerate(self.parities):
+            fine = (slice(None), slice(None)) + tuple(itertools.chain.from_iterable((slice(None), p) for p in parity))
+            coarse = (slice(None), i, slice(None)) + tuple(slice(p, p + s) for p, s in zip(parity, S))
+            out[fine] = y[coarse]
+        return out.reshape(B, C, *(2 * s for s in S))
+
+
+class ResBlock(nn.Module):
+    """x + conv2(act(norm2(conv1(act(norm1(x))) + W emb))), with a 1x1 conv on the skip when C changes.
+
+    x: (B, Cin, *S), emb: (B, E) already passed through SiLU -> (B, Cout, *S).
+    """
+
+    def __init__(self, dims: int, cin: int, cout: int, emb_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps)
+        self.conv1 = _Conv(dims, cin, cout)
+        self.time_emb_proj = nn.Linear(emb_channels, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps)
+        self.conv2 = _Conv(dims, cout, cout)
+        self.skip_connection = _Conv(dims, cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(_norm_act(self.norm1, x))
+        h += self.time_emb_proj(emb).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))
+        h = self.conv2(_norm_act(self.norm2, h))
+        return h.add_(self.skip_connection(x))
+
+
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens (B, N, C); heads take consecutive channel slices."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.out_proj = nn.Linear(channels, channels)  # registered first, as in MONAI
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
+
+    def forward(self, h):
+        B, N, C = h.shape
+        q, k, v = (lin(h).reshape(B, N, self.heads, C // self.heads).transpose(1, 2)
+                   for lin in (self.to_q, self.to_k, self.to_v))  # (B, heads, N, C/heads)
+        o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C/heads)) v
+        return self.out_proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class AttentionBlock(nn.Module):
+    """x + attention(GroupNorm(x)) over all voxels as tokens: (B, C, *S) -> (B, C, *S)."""
+
+    def __init__(self, channels: int, head_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps)
+        self.attn = _SelfAttention(channels, channels // head_channels)
+
+    def forward(self, x):
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.attn(h).transpose(1, 2).reshape(x.shape) + x
+
+
+def _per_level(value, n: int, name: str) -> tuple:
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n:
+        raise ValueError(f"{name} must be an int or have one entry per level ({n}), got {value!r}")
+    return values
+
+
+class UNet(nn.Module):
+    """The MedForj denoiser: a time-conditioned U-Net, by default 3-D.
+
+    forward(x (B, in_channels, *S), t (B,)) -> (B, out_channels, *S); each spatial
+    size must be a multiple of 2**(levels - 1). Levels run over `channels`; each
+    level has `num_res_blocks` ResBlocks (+ self-attention where attention_levels),
+    a stride-2 conv down; the way up mirrors it with one extra ResBlock per level
+    fed by the skips. UNet(**MEDFORJ_UNET) has 41,245,217 parameters.
+    gradient_checkpointing=True recomputes block activations in backward (training).
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 1,
+                 channels=(32, 64, 64, 64), attention_levels=(False, False, True, True),
+                 num_res_blocks=2, num_head_channels=8, norm_num_groups: int = 32,
+                 norm_eps: float = 1e-6, gradient_checkpointing: bool = False):
+        super().__init__()
+        channels, attention_levels = tuple(int(c) for c in channels), tuple(bool(a) for a in attention_levels)
+        L = len(channels)
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
+        if len(attention_levels) != L:
+            raise ValueError(f"attention_levels needs one entry per level ({L}), got {len(attention_levels)}")
+        if any(c % norm_num_groups for c in channels):
+            raise ValueError(f"every entry of channels {channels} must be a multiple of norm_num_groups={norm_num_groups}")
+        nrb = _per_level(num_res_blocks, L, "num_res_blocks")
+        heads = _per_level(num_head_channels, L, "num_head_channels")
+        for c, a, hc in zip(channels, attention_levels, heads):
+            if a and c % hc:
+                raise ValueError(f"channels {c} at an attention level must be a multiple of num_head_channels {hc}")
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.levels, self.gradient_checkpointing = L, gradient_checkpointing
+        self.config = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                           channels=list(channels), attention_levels=list(attention_levels),
+                           num_res_blocks=list(nrb), num_head_channels=list(heads),
+                           norm_num_groups=norm_num_groups, norm_eps=norm_eps)
+        d, g, eps, E = spatial_dims, norm_num_groups, norm_eps, 4 * channels[0]
+
+        def level(cins, cout, attn, hc, attention_first):  # (registration order = MONAI's key order)
+            block = nn.Module()
+            parts = [("resnets", lambda: nn.ModuleList(ResBlock(d, cin, cout, E, g, eps) for cin in cins))]
+            if attn:
+                parts.append(("attentions", lambda: nn.ModuleList(AttentionBlock(cout, hc, g, eps) for _ in cins)))
+            for name, make in (reversed(parts) if attention_first else parts):
+                setattr(block, name, make())
+            return block
+
+        self.conv_in = _Conv(d, in_channels, channels[0])
+        self.time_embed = nn.Sequential(nn.Linear(channels[0], E), nn.SiLU(), nn.Linear(E, E))
+        self.down_blocks = nn.ModuleList()
+        cin = channels[0]
+        for i, c in enumerate(channels):
+            block = level([cin] + [c] * (nrb[i] - 1), c, attention_levels[i], heads[i], True)
+            if i < L - 1:
+                block.downsampler = _Downsample(d, c)
+            self.down_blocks.append(block)
+            cin = c
+        self.middle_block = nn.Module()
+        self.middle_block.resnet_1 = ResBlock(d, channels[-1], channels[-1], E, g, eps)
+        self.middle_block.attention = AttentionBlock(channels[-1], heads[-1], g, eps)
+        self.middle_block.resnet_2 = ResBlock(d, channels[-1], channels[-1], E, g, eps)
+        self.up_blocks = nn.ModuleList()
+        prev = channels[-1]
+        for lev in reversed(range(L)):  # the skips of level lev: its ResBlocks, then the level below's output
+            c, n = channels[lev], nrb[lev] + 1
+            skip_in = [c] * (n - 1) + [channels[max(lev - 1, 0)]]
+            block = level([prev + skip_in[0]] + [c + s for s in skip_in[1:]], c, attention_levels[lev], heads[lev], False)
+            if lev > 0:
+                block.upsampler = _Upsample(d, c)
+            self.up_blocks.append(block)
+            prev = c
+        self.out = nn.Sequential(nn.GroupNorm(g, channels[0], eps), nn.SiLU(), _Conv(d, channels[0], out_channels))
+
+    def _run(self, module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def _check_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        d, multiple = self.spatial_dims, 2 ** (self.levels - 1)
+        if not torch.is_tensor(x) or x.ndim != d + 2:
+            raise ValueError(f"UNet expects x of shape (B, C, {', '.join('DHW'[-d:])}), {d + 2} dimensions; "
+                             f"got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet expects {self.in_channels} input channel(s), got {x.shape[1]} (x shape {tuple(x.shape)})")
+        if any(s % multiple for s in x.shape[2:]):
+            raise ValueError(f"spatial sizes must be multiples of {multiple} (2**(levels-1) for {self.levels} levels), "
+                             f"got {tuple(x.shape[2:])}; e.g. {IMAGE_SHAPE} or {tuple(multiple * 4 for _ in range(d))}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        return t
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = self._check_input(x, t)
+        emb = self.time_embed(timestep_embedding(t, self.config["channels"][0]).to(x.dtype))
+        emb = F.silu(emb)  # every ResBlock projects SiLU(emb)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            for j, res in enumerate(block.resnets):
+                h = self._run(res, h, emb)
+                if hasattr(block, "attentions"):
+                    h = self._run(block.attentions[j], h)
+                skips.append(h)
+            if hasattr(block, "downsampler"):
+                h = block.downsampler(h)
+                skips.append(h)
+        mid = self.middle_block
+        h = self._run(mid.resnet_2, self._run(mid.attention, self._run(mid.resnet_1, h, emb)), emb)
+        for block in self.up_blocks:
+            for j, res in enumerate(block.resnets):
+                h = self._run(res, torch.cat([h, skips.pop()], 1), emb)  # the skip is freed here
+                if hasattr(block, "attentions"):
+                    h = self._run(block.attentions[j], h)
+            if hasattr(block, "upsampler"):
+                h = self._run(block.upsampler, h)
+        return self.out[2](_norm_act(self.out[0], h))
+
 # =============================================================================
 # 6. Sampler
 # =============================================================================
+
+SPACINGS = ("linspace", "leading")
+
+
+def timestep_pairs(steps: int, spacing: str = "linspace", schedule=None) -> list:
+    """The DDIM timestep grid as [(t, t_prev), ...], descending; the last t_prev is -1.
+
+    "linspace" (the reference generator's): round(linspace(0, T-1, steps)); each step
+        lands on the next listed timestep. Needs steps >= 2 (one step would start at t = 0).
+    "leading" (MONAI's older DDIM, the paper-era code): arange(steps) * (T // steps);
+        t_prev = t - T // steps, below 0 meaning -1.
+    """
+    T = _schedule(schedule).T
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    lowest = 2 if spacing == "linspace" else 1
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not lowest <= steps <= T:
+        raise ValueError(f"steps must be an integer in {lowest}..{T} for the {spacing!r} grid, got {steps!r}")
+    if spacing == "linspace":
+        ts = [int(v) for v in np.round(np.linspace(0, T - 1, steps))[::-1]]
+        return list(zip(ts, ts[1:] + [-1]))
+    stride = T // steps
+    return [(t, t - stride if t - stride >= 0 else -1) for t in range(stride * (steps - 1), -1, -stride)]
+
+
+def ddim_step(x0_hat, eps_hat, t_prev: int, eta: float = 0.0, t: int | None = None, schedule=None, generator=None):
+    """One DDIM update from t to t_prev given (x0_hat, eps_hat), each (B, ...).
+
+    eta = 0: x_s = alpha_s x0_hat + sigma_s eps_hat (s = t_prev; s = -1 returns x0_hat).
+    eta > 0: sigma_eta^2 = eta^2 (sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2),
+             x_s = alpha_s x0_hat + sqrt(sigma_s^2 - sigma_eta^2) eps_hat + sigma_eta z.
+    """
+    schedule = _schedule(schedule)
+    if t_prev < 0:
+        return x0_hat
+    s = torch.full((x0_hat.shape[0],), t_prev, dtype=torch.long)
+    a_s, s_s = schedule.alpha_sigma(s, x0_hat)
+    if eta == 0:
+        return a_s * x0_hat + s_s * eps_hat
+    a_t, s_t = schedule.alpha_sigma(torch.full_like(s, t), x0_hat)
+    var = eta**2 * (s_s**2 / s_t**2) * (1 - a_t**2 / a_s**2)
+    gen_device = generator.device if generator is not None else x0_hat.device
+    z = torch.randn(x0_hat.shape, generator=generator, device=gen_device, dtype=x0_hat.dtype).to(x0_hat.device)
+    return a_s * x0_hat + (s_s**2 - var).clamp(min=0).sqrt() * eps_hat + var.sqrt() * z
+
+
+def _autocast(device: torch.device, dtype):
+    """The sampler's precision: float32 on CPU; on CUDA autocast to float16 by default
+    (or "bfloat16"; "float32" turns autocast off). GroupNorm runs in float32 under
+    autocast and SDPA accumulates its softmax in float32, so both stay safe."""
+    names = {None: None, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if dtype in names:
+        dtype = names[dtype]
+    elif isinstance(dtype, str):
+        raise ValueError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
+    if device.type != "cuda":
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"reduced precision ({dtype}) is for CUDA; on {device.type} the sampler runs in float32")
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if dtype is None else dtype
+    return torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+
+
+def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta: float = 0.0,
+           spacing: str = "linspace", clip: bool = True, schedule=None, generator=None,
+           progress: bool = True, callback=None, dtype=None) -> torch.Tensor:
+    """Generate volumes with DDIM from pure noise: returns float32 (B, C, *S) on the model's device.
+
+    shape: (B, C, *S), default (1, model.in_channels, *IMAGE_SHAPE); or give `noise`
+    (B, C, *S) itself (same noise -> same output). generator: a torch.Generator for
+    the starting noise and, with eta > 0, the per-step noise (drawn on the generator's
+    device, so a CPU generator gives the same draws for a CUDA model).
+    Each step: u = model(x_t, t); (x0_hat, eps_hat) = to_x0_eps(...) (clipped x0 when
+    clip=True, so the result lies in [-1, 1]); x_{t_prev} = ddim_step(...).
+    callback(i, t, x_t, x0_hat) is called after every step (x_t: the new state).
+    dtype: None (float16 autocast on CUDA, float32 on CPU), "bfloat16" or "float32".
+    """
+    prediction = canonical_prediction(prediction)
+    schedule = _schedule(schedule)
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    pairs = timestep_pairs(steps, spacing, schedule)
+    device = next(model.parameters()).device
+    if noise is None:
+        shape = tuple(shape) if shape is not None else (1, getattr(model, "in_channels", 1), *IMAGE_SHAPE)
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=gen_device)
+    elif shape is not None and tuple(shape) != tuple(noise.shape):
+        raise ValueError(f"shape {tuple(shape)} disagrees with noise.shape {tuple(noise.shape)}: give one of them")
+    x = noise.to(device=device, dtype=torch.float32)
+    from tqdm.auto import tqdm
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _autocast(device, dtype):
+            for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"sampling ({prediction})", disable=not progress)):
+                tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+                x0_hat, eps_hat = to_x0_eps(prediction, model(x, tt).float(), x, tt, schedule, clip)
+                x = ddim_step(x0_hat, eps_hat, t_prev, eta, t, schedule, generator)
+                if callback is not None:
+                    callback(i, t, x, x0_hat)
+    finally:
+        model.train(was_training)
+    return x.float()
 
 # =============================================================================
 # 7. Weights: load/save, fetch (Pooch + data_manifest.csv)
@@ -131,6 +643,201 @@ def read_manifest(path=None) -> dict:
                 raise ValueError(f"manifest {path}: the name {row['name']!r} appears twice")
             rows[row["name"]] = row
     return rows
+
+def _read_state_dict(path: pathlib.Path):
+    """(state_dict, metadata) from .safetensors or a torch file (weights_only: no pickled code runs)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if path.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
+        raise ValueError(f"unsupported weights file {path.name!r}: use .safetensors, .pt, .pth, .ckpt or .bin")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for anything but plain tensors/containers
+        raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint (torch.load with "
+                         f"weights_only=True failed, so it may contain code). Convert it to .safetensors. ({err})") from None
+    metadata = {}
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                metadata = {k: v for k, v in obj.items() if isinstance(v, (str, int, float))}
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path} holds no state dict (a dict of tensors, optionally under 'model' or 'state_dict')")
+    return obj, metadata
+
+
+_PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning-style wrappers, torch.compile
+
+
+def load_weights(model: nn.Module, path) -> dict:
+    """Load a state dict into model strictly and return the file's metadata (a dict of strings).
+
+    Accepts .safetensors and .pt/.pth (torch.load(weights_only=True) only), plain or
+    under a "model"/"state_dict" key, with `module.`, `model.`, `_orig_mod.` prefixes
+    stripped. Any missing key, unexpected key or shape mismatch raises a ValueError
+    that names them.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    state, metadata = _read_state_dict(path)
+    _load_state(model, state, path.name)
+    return metadata
+
+
+def _load_state(model: nn.Module, state: dict, source: str) -> None:
+    clean = {}
+    for key, value in state.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        clean[key] = value
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in clean]
+    unexpected = [k for k in clean if k not in expected]
+    mismatched = [f"{k}: file {tuple(clean[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in clean and clean[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        def some(items):
+            return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+        problems = [f"{name}: {some(items)}" for name, items in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
+        raise ValueError(f"{source} does not fit this {type(model).__name__} (strict load): " + "; ".join(problems))
+    model.load_state_dict(clean, strict=True)
+
+
+def save_weights(model: nn.Module, path, **metadata) -> pathlib.Path:
+    """Write model's state dict as .safetensors with metadata, atomically.
+
+    Stored metadata: "format" = "ddpm-mini", "unet" = the model's config (JSON),
+    "schedule" = Schedule().config() unless given, plus every keyword
+    (e.g. prediction="flow"); non-string values are JSON-encoded.
+    """
+    from safetensors.torch import save_file
+    path = pathlib.Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_weights writes .safetensors files, got {path.name!r}")
+    if "prediction" in metadata:
+        metadata["prediction"] = canonical_prediction(metadata["prediction"])
+    meta = {"format": "ddpm-mini", "version": __version__}
+    if hasattr(model, "config"):
+        meta["unet"] = model.config
+    meta["schedule"] = _DEFAULT_SCHEDULE.config()
+    meta.update(metadata)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return path
+
+
+def load_model(path, device=None):
+    """Build a UNet from a weights file's metadata and load it strictly.
+
+    Returns (model in eval mode, metadata with "unet"/"schedule" decoded from JSON).
+    Files without a "unet" entry (such as the published MedForj files) get MEDFORJ_UNET.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    state, metadata = _read_state_dict(path)
+    meta = {k: (json.loads(v) if k in ("unet", "schedule") and isinstance(v, str) else v) for k, v in metadata.items()}
+    model = UNet(**meta.get("unet", MEDFORJ_UNET))
+    _load_state(model, state, path.name)
+    return model.to(_device(device)).eval(), meta
+
+
+def _device(device=None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cache_dir() -> pathlib.Path:
+    """Where fetched assets live: $DDPM_MINI_CACHE, else Pooch's per-user cache for "ddpm-mini"."""
+    import pooch
+    env = os.environ.get("DDPM_MINI_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path(pooch.os_cache("ddpm-mini"))
+
+
+_WARNED_UNVERIFIED = set()
+
+
+def _source(row: dict) -> tuple:
+    """(url, file name) for a manifest row, honouring $DDPM_MINI_MIRROR (a base URL or a folder
+    that holds the same file names)."""
+    from urllib.parse import urlparse
+    fname = pathlib.PurePosixPath(urlparse(row["url"]).path).name
+    mirror = os.environ.get("DDPM_MINI_MIRROR", "").strip()
+    if not mirror:
+        return row["url"], fname
+    if "://" in mirror:
+        return mirror.rstrip("/") + "/" + fname, fname
+    return str(pathlib.Path(mirror).expanduser() / fname), fname
+
+
+def _copy_local(url, output_file, pooch_obj):
+    """A Pooch downloader for a mirror folder: copies the file (Pooch then checks the hash)."""
+    import shutil
+    if not os.path.exists(url):
+        raise FileNotFoundError(f"{url} is not in the mirror folder")
+    with open(url, "rb") as src:
+        shutil.copyfileobj(src, output_file if hasattr(output_file, "write") else open(output_file, "wb"))
+
+
+def fetch(name: str, progress: bool = True) -> pathlib.Path:
+    """Download one manifest asset (once; later calls use the cache) and return its path.
+
+    The file's hash is checked when the manifest has one: a wrong file raises a
+    ValueError and leaves nothing in the cache. Rows without a published hash are
+    marked unverified and warned about once. An unreachable source raises a
+    ConnectionError naming the asset and the DDPM_MINI_MIRROR variable.
+    """
+    import pooch
+    rows = read_manifest()
+    if name not in rows:
+        fetchable = sorted(k for k, r in rows.items() if r.get("url"))
+        raise ValueError(f"unknown asset {name!r}; the manifest ({manifest_path()}) has: {', '.join(fetchable)}")
+    row = rows[name]
+    if not row.get("url") or row.get("kind") == "source":
+        raise ValueError(f"{name!r} is listed for reference only and cannot be fetched: {row.get('description', '')}")
+    url, fname = _source(row)
+    known_hash = row.get("hash") or None
+    if known_hash is None and name not in _WARNED_UNVERIFIED:
+        _WARNED_UNVERIFIED.add(name)
+        warnings.warn(f"{name}: no checksum is published for this file, so its download is not verified", stacklevel=2)
+    local = "://" not in url
+    downloader = _copy_local if local else pooch.HTTPDownloader(progressbar=progress, timeout=60)
+    try:
+        path = pooch.retrieve(url, known_hash, fname=fname, path=cache_dir() / name,
+                              downloader=downloader, progressbar=False if local else None)
+    except ValueError as err:  # Pooch's hash mismatch: it has already removed the download
+        raise ValueError(f"{name}: the file from {url} does not match the manifest hash {known_hash}; "
+                         f"nothing was kept ({err})") from None
+    except Exception as err:
+        raise ConnectionError(f"could not fetch {name!r} from {url}: {type(err).__name__}: {err}. Offline? Put "
+                              f"{fname} in a folder (or on a server) and set DDPM_MINI_MIRROR to it.") from None
+    return pathlib.Path(path)
+
+
+def fetch_group(group: str, progress: bool = True) -> list:
+    """Fetch every fetchable asset of a manifest group, with one overall progress bar; returns paths."""
+    from tqdm.auto import tqdm
+    rows = [r for r in read_manifest().values() if r.get("group") == group and r.get("url") and r.get("kind") != "source"]
+    if not rows:
+        groups = sorted({r.get("group", "") for r in read_manifest().values() if r.get("url")} - {""})
+        raise ValueError(f"no fetchable assets in group {group!r}; groups: {', '.join(groups)}")
+    return [fetch(r["name"], progress=False) for r in tqdm(rows, desc=f"fetching {group}", disable=not progress)]
+
+
+def load_pretrained(prediction: str, device=None) -> "UNet":
+    """The published MedForj model for a prediction type: UNet(**MEDFORJ_UNET), fetched,
+    loaded strictly, in eval mode on `device` (default: CUDA when available)."""
+    prediction = canonical_prediction(prediction)
+    model = UNet(**MEDFORJ_UNET)
+    load_weights(model, fetch(f"medforj_{prediction}"))
+    return model.to(_device(device)).eval()
 
 # =============================================================================
 # 8. Data: NIfTI I/O, minimal preprocessing, phantoms, datasets
@@ -200,6 +907,179 @@ def from_model(x, dtype=np.uint16) -> np.ndarray:
 # 11. Viewing (matplotlib, widgets)
 # =============================================================================
 
+def _as_volume(volume) -> np.ndarray:
+    """Any (X, Y, Z), (1, X, Y, Z) or (1, 1, X, Y, Z) array/tensor -> float32 numpy (X, Y, Z)."""
+    arr = volume.detach().float().cpu().numpy() if torch.is_tensor(volume) else np.asarray(volume, np.float32)
+    while arr.ndim > 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3-D volume (X, Y, Z), got shape {arr.shape}")
+    return arr
+
+
+def orthogonal_slices(volume, index=None) -> dict:
+    """The three planes through voxel `index` (default: the centre) of an LPS volume (L, P, S axes).
+
+    Returns {"axial", "coronal", "sagittal": 2-D arrays} laid out for imshow(origin="lower"):
+    superior up in coronal and sagittal, anterior up in axial; the subject's left on
+    the image's right (radiological convention) in axial and coronal.
+    """
+    v = _as_volume(volume)
+    i, j, k = index if index is not None else tuple(s // 2 for s in v.shape)
+    return {"axial": v[:, ::-1, k].T, "coronal": v[:, j, :].T, "sagittal": v[i, :, :].T[:, ::-1]}
+
+
+def show_slices(volume, index=None, title=None, fig=None, vmin=None, vmax=None):
+    """Draw the three orthogonal slices side by side; returns the matplotlib Figure."""
+    if fig is None:
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(10, 3.6))
+    v = _as_volume(volume)
+    vmin = float(v.min()) if vmin is None else vmin
+    vmax = float(v.max()) if vmax is None else vmax
+    fig.clear()
+    axes = fig.subplots(1, 3)
+    for ax, (name, plane) in zip(axes, orthogonal_slices(v, index).items()):
+        ax.imshow(plane, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_slices_png(volume, path, title=None, dpi=100) -> pathlib.Path:
+    """Write a PNG of the three orthogonal slices through the centre (atomically)."""
+    fig = show_slices(volume, title=title)
+    path = pathlib.Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=dpi, format="png"))
+    return path
+
+
+def view(volume, title=None):
+    """Interactive viewer: one slider per plane over the three orthogonal slices (ipywidgets).
+
+    Falls back to a static matplotlib figure through the centre where widgets are
+    unavailable (plain Python, headless runs). Returns the widget or the Figure.
+    """
+    v = _as_volume(volume)
+    try:
+        import ipywidgets as widgets
+        from IPython import get_ipython
+        if get_ipython() is None:
+            raise ImportError("not in IPython")
+    except ImportError:
+        return show_slices(v, title=title)
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+    sliders = [widgets.IntSlider(value=s // 2, min=0, max=s - 1, description=name, continuous_update=False)
+               for s, name in zip(v.shape, ("L-R", "P-A", "I-S"))]
+    out = widgets.Output()
+    lo, hi = float(v.min()), float(v.max())
+
+    def redraw(_=None):
+        with out:
+            out.clear_output(wait=True)
+            fig = plt.figure(figsize=(10, 3.6))
+            show_slices(v, tuple(s.value for s in sliders), title=title, fig=fig, vmin=lo, vmax=hi)
+            plt.show()
+    for s in sliders:
+        s.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox(sliders), out])
+    display(box)
+    return box
+
 # =============================================================================
 # 12. Command line
 # =============================================================================
+
+def _cmd_sample(args) -> int:
+    device = _device(args.device)
+    if args.weights:
+        model, meta = load_model(args.weights, device)
+        prediction = canonical_prediction(args.prediction or meta.get("prediction") or "")
+    else:
+        if not args.prediction:
+            raise ValueError("sample: give --prediction (pretrained MedForj) or --weights FILE")
+        prediction = canonical_prediction(args.prediction)
+        model = load_pretrained(prediction, device)
+    shape = tuple(args.shape) if args.shape else IMAGE_SHAPE
+    steps = timestep_pairs(args.steps, args.spacing)  # validate before any work
+    outputs = ([pathlib.Path(args.out)] if args.n == 1 and not args.out_dir else
+               [pathlib.Path(args.out_dir or ".") / f"sample_{prediction}_{args.seed + i:04d}.nii.gz" for i in range(args.n)])
+    for path in outputs:
+        if not path.name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"sample: the output must be a .nii or .nii.gz file, got {path}")
+    print(f"sampling {len(outputs)} x {shape} with the {prediction} model on {device}, "
+          f"{len(steps)} {args.spacing} steps, eta {args.eta}")
+    for i, path in enumerate(outputs):
+        start = time.perf_counter()
+
+        def eta_after_first(step, t, x_t, x0_hat):
+            if step == 0 and i == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                print(f"first step: {first:.1f} s, so about {first * len(steps) / 60:.1f} min per sample", flush=True)
+        generator = torch.Generator().manual_seed(args.seed + i)
+        x = sample(model, prediction, shape=(1, model.in_channels, *shape), steps=args.steps, eta=args.eta,
+                   spacing=args.spacing, generator=generator, callback=eta_after_first, dtype=args.dtype)
+        save_nifti(x[0, 0], path)
+        png = save_slices_png(x[0, 0], path.with_name(path.name.split(".nii")[0] + ".png"),
+                              title=f"{prediction}, seed {args.seed + i}")
+        print(f"wrote {path} and {png} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _sample_parser(sub):
+    p = sub.add_parser("sample", help="generate volumes with a pretrained or trained model",
+                       description="Generate volumes with DDIM; writes NIfTI (LPS, 1 mm, uint16) and a PNG of three slices.")
+    p.add_argument("--prediction", help=f"pretrained MedForj model to fetch ({', '.join(PREDICTIONS)}; aliases accepted),"
+                   " or the prediction of --weights if its metadata lacks it")
+    p.add_argument("--weights", help="a .safetensors/.pt file instead of the pretrained model (ddpm-mini metadata gives its U-Net)")
+    p.add_argument("--steps", type=int, default=64, help="DDIM steps (default 64)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default)")
+    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep grid (default linspace)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
+    p.add_argument("--out", default="sample.nii.gz", help="output file for a single sample")
+    p.add_argument("--out-dir", help="folder for sample_<prediction>_<seed>.nii.gz (+ .png) files")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help=f"volume size (default {IMAGE_SHAPE}, the published models' grid)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                   help="CUDA precision (default float16 autocast; CPU always float32)")
+
+
+def _build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(prog="ddpm_mini.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"ddpm-mini {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, add, run in _COMMANDS:
+        add(sub)
+        sub.choices[name].set_defaults(run=run)
+    return parser
+
+
+_COMMANDS = [("sample", _sample_parser, _cmd_sample)]
+
+
+def main(argv=None) -> int:
+    """The command line: `python ddpm_mini.py COMMAND ...` (see --help)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

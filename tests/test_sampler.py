@@ -1,0 +1,143 @@
+"""The DDIM sampler against an independent implementation written here from the GUIDE equations."""
+import numpy as np
+import pytest
+import torch
+
+import ddpm_mini as dm
+from conftest import TINY_UNET, randomize
+
+
+class Toy(torch.nn.Module):
+    """A deterministic stand-in network whose output depends on x and t (cheap and exact)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+        self.in_channels = 1
+
+    def forward(self, x, t):
+        tt = t.float().reshape(-1, *([1] * (x.ndim - 1))) / 1000
+        return self.w * torch.tanh(x) * (1 - tt) + 0.3 * x * tt + 0.05
+
+
+def reference_ddim(model, prediction, noise, grid, eta=0.0, clip=True, z_generator=None):
+    """x_s = alpha_s x0 + sqrt(sigma_s^2 - sigma_eta^2) eps + sigma_eta z, in float64 numpy."""
+    T = 1000
+    abar = np.cumprod(1 - np.linspace(1e-4, 2e-2, T))
+    x = noise.double().numpy()
+    for t, s in grid:
+        u = model(torch.from_numpy(x).float(), torch.full((x.shape[0],), t)).double().detach().numpy()
+        a, sg = np.sqrt(abar[t]), np.sqrt(1 - abar[t])
+        x0 = {"noise": (x - sg * u) / a, "sample": u, "velocity": a * x - sg * u,
+              "flow": (x - sg * u) / (a + sg)}[prediction]
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+        eps = (x - a * x0) / sg
+        if s < 0:
+            x = x0
+            continue
+        a_s, s_s = np.sqrt(abar[s]), np.sqrt(1 - abar[s])
+        var = eta**2 * (s_s**2 / sg**2) * (1 - abar[t] / abar[s])
+        x = a_s * x0 + np.sqrt(s_s**2 - var) * eps
+        if eta > 0:
+            x = x + np.sqrt(var) * torch.randn(x.shape, generator=z_generator).double().numpy()
+    return x
+
+
+def guide_grid(steps, spacing):
+    T = 1000
+    if spacing == "linspace":
+        ts = [int(v) for v in np.round(np.linspace(0, T - 1, steps))[::-1]]
+        return [(t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
+    ts = list((np.arange(steps) * (T // steps))[::-1])
+    return [(int(t), int(t - T // steps) if t - T // steps >= 0 else -1) for t in ts]
+
+
+@pytest.mark.parametrize("spacing", dm.SPACINGS)
+@pytest.mark.parametrize("steps", [2, 3, 10, 64, 999])
+def test_grids(spacing, steps):
+    pairs = dm.timestep_pairs(steps, spacing)
+    assert pairs == guide_grid(steps, spacing)
+    ts = [t for t, _ in pairs]
+    assert len(ts) == steps and ts == sorted(ts, reverse=True) and len(set(ts)) == steps
+    assert pairs[-1][1] == -1 and all(0 <= t < 1000 for t in ts)
+    if spacing == "linspace":  # each step lands on the next listed timestep
+        assert ts[0] == 999 and ts[-1] == 0 and all(p[1] == q[0] for p, q in zip(pairs, pairs[1:]))
+
+
+def test_grid_values_and_errors():
+    assert dm.timestep_pairs(4, "leading") == [(750, 500), (500, 250), (250, 0), (0, -1)]
+    assert dm.timestep_pairs(4) == [(999, 666), (666, 333), (333, 0), (0, -1)]
+    for bad in (0, 1, 1001, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be an integer"):
+            dm.timestep_pairs(bad)
+    assert dm.timestep_pairs(1, "leading") == [(0, -1)]
+    with pytest.raises(ValueError, match="linspace, leading"):
+        dm.timestep_pairs(10, "trailing")
+
+
+@pytest.mark.parametrize("prediction", dm.PREDICTIONS)
+@pytest.mark.parametrize("spacing,steps", [("linspace", 2), ("linspace", 17), ("leading", 5), ("leading", 64)])
+@pytest.mark.parametrize("clip", [True, False])
+def test_sampler_matches_reference_ddim(prediction, spacing, steps, clip):
+    model = Toy()
+    noise = torch.randn(2, 1, 4, 5, 6, generator=torch.Generator().manual_seed(7))
+    ours = dm.sample(model, prediction, noise=noise, steps=steps, spacing=spacing, clip=clip, progress=False)
+    ref = reference_ddim(model, prediction, noise, guide_grid(steps, spacing), clip=clip)
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
+    if clip:
+        assert ours.abs().max() <= 1
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "noise"])
+def test_stochastic_sampler_matches_reference(prediction):
+    model = Toy()
+    g = torch.Generator().manual_seed(11)
+    ours = dm.sample(model, prediction, shape=(2, 1, 3, 4, 5), steps=8, eta=0.8, generator=g, progress=False)
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(2, 1, 3, 4, 5, generator=g)  # the same order of draws: start noise, then z per step
+    ref = reference_ddim(model, prediction, noise, guide_grid(8, "linspace"), eta=0.8, z_generator=g)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_determinism_batches_and_callback():
+    model = randomize(dm.UNet(**TINY_UNET), seed=1)
+    seen = []
+    a = dm.sample(model, "flow", shape=(2, 1, 8, 8, 8), steps=4, generator=torch.Generator().manual_seed(0),
+                  progress=False, callback=lambda i, t, x, x0: seen.append((i, t, tuple(x.shape), float(x0.abs().max()))))
+    b = dm.sample(model, "flow", shape=(2, 1, 8, 8, 8), steps=4, generator=torch.Generator().manual_seed(0), progress=False)
+    c = dm.sample(model, "flow", shape=(2, 1, 8, 8, 8), steps=4, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert [s[:2] for s in seen] == [(0, 999), (1, 666), (2, 333), (3, 0)]
+    assert all(s[2] == (2, 1, 8, 8, 8) and s[3] <= 1 for s in seen)
+    # items of a batch are independent: sampling item 0 alone gives the same result
+    noise = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    alone = dm.sample(model, "flow", noise=noise[:1], steps=4, progress=False)
+    torch.testing.assert_close(alone[0], a[0], rtol=1e-5, atol=1e-5)
+    assert model.training  # the sampler restores the mode it found
+
+
+def test_sampler_bad_inputs():
+    model = Toy()
+    with pytest.raises(ValueError, match="unknown prediction"):
+        dm.sample(model, "score", shape=(1, 1, 2, 2, 2), progress=False)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        dm.sample(model, "flow", shape=(1, 1, 2, 2, 2), eta=-1, progress=False)
+    with pytest.raises(ValueError, match="disagrees"):
+        dm.sample(model, "flow", shape=(1, 1, 2, 2, 2), noise=torch.zeros(1, 1, 3, 3, 3), progress=False)
+    with pytest.raises(ValueError, match="for CUDA"):
+        dm.sample(model, "flow", shape=(1, 1, 2, 2, 2), dtype="float16", progress=False)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        dm.sample(model, "flow", shape=(1, 1, 2, 2, 2), dtype="int8", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_on_cuda_tracks_float32(dtype):
+    model = randomize(dm.UNet(**dm.MEDFORJ_UNET), seed=2, scale=0.02).cuda()
+    noise = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    ref = dm.sample(model, "flow", noise=noise, steps=8, dtype="float32", progress=False)
+    low = dm.sample(model, "flow", noise=noise, steps=8, dtype=dtype, progress=False)
+    assert torch.isfinite(low).all() and low.dtype == torch.float32
+    assert ((low - ref).norm() / ref.norm()).item() < 0.05

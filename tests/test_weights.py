@@ -1,0 +1,206 @@
+"""Weights in and out, and fetching through Pooch from a loopback server or a mirror folder."""
+import csv
+import hashlib
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ddpm_mini as dm
+from conftest import TINY_UNET, randomize
+
+
+def test_save_and_load_round_trip_with_metadata(tmp_path):
+    model = randomize(dm.UNet(**TINY_UNET))
+    path = dm.save_weights(model, tmp_path / "m.safetensors", prediction="v", step=12)
+    other = dm.UNet(**TINY_UNET)
+    meta = dm.load_weights(other, path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert meta["prediction"] == "velocity" and meta["step"] == "12" and meta["format"] == "ddpm-mini"
+    rebuilt, meta = dm.load_model(path)
+    assert meta["unet"]["channels"] == [8, 16] and meta["schedule"]["T"] == 1000
+    assert not rebuilt.training and torch.equal(rebuilt.conv_in.conv.weight, model.conv_in.conv.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+    with pytest.raises(ValueError, match=".safetensors"):
+        dm.save_weights(model, tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "model.", "_orig_mod.", "module._orig_mod."])
+@pytest.mark.parametrize("wrap", [None, "model", "state_dict"])
+def test_torch_checkpoints_with_prefixes(tmp_path, prefix, wrap):
+    model = randomize(dm.UNet(**TINY_UNET), seed=3)
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save(state if wrap is None else {wrap: state, "step": 5}, tmp_path / "w.pt")
+    other = dm.UNet(**TINY_UNET)
+    dm.load_weights(other, tmp_path / "w.pt")
+    assert torch.equal(other.out[2].conv.weight, model.out[2].conv.weight)
+
+
+def test_plain_monai_state_dict_loads(tmp_path):
+    """The published files are MONAI DiffusionModelUNet state dicts without prefix or metadata."""
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    kwargs = dict(TINY_UNET)
+    ref = randomize(monai_nets.DiffusionModelUNet(**kwargs), seed=4).eval()
+    save_file(ref.state_dict(), str(tmp_path / "plain.safetensors"))
+    ours = dm.UNet(**kwargs).eval()
+    assert dm.load_weights(ours, tmp_path / "plain.safetensors") == {}
+    x, t = torch.randn(1, 1, 8, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t), ref(x, t), rtol=1e-4, atol=1e-6)
+
+
+def test_strict_errors_name_the_problems(tmp_path):
+    model = dm.UNet(**TINY_UNET)
+    state = dict(model.state_dict())
+    del state["conv_in.conv.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["out.2.conv.weight"] = torch.zeros(2, 8, 3, 3, 3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError) as err:
+        dm.load_weights(model, tmp_path / "bad.safetensors")
+    message = str(err.value)
+    assert "missing keys: conv_in.conv.bias" in message and "unexpected keys: extra.weight" in message
+    assert "out.2.conv.weight: file (2, 8, 3, 3, 3) vs model (1, 8, 3, 3, 3)" in message
+    with pytest.raises(FileNotFoundError):
+        dm.load_weights(model, tmp_path / "nope.safetensors")
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported weights file"):
+        dm.load_weights(model, tmp_path / "w.npz")
+
+
+class Payload:
+    """Unpickling this would create a file: torch.load(weights_only=True) must refuse first."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_pickled_code_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="may contain code"):
+        dm.load_weights(dm.UNet(**TINY_UNET), tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- fetch
+
+
+def write_manifest(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=dm.MANIFEST_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({c: row.get(c, "") for c in dm.MANIFEST_COLUMNS})
+
+
+@pytest.fixture
+def assets(tmp_path, http_server, monkeypatch):
+    """Two small files on a loopback server and a manifest that points at them."""
+    root, base = http_server
+    (root / "a.bin").write_bytes(b"alpha" * 1000)
+    (root / "b.bin").write_bytes(b"beta" * 1000)
+    sha = {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in ("a.bin", "b.bin")}
+    md5 = hashlib.md5((root / "b.bin").read_bytes()).hexdigest()
+    rows = [
+        dict(name="a", kind="volume", group="g", url=f"{base}/a.bin", hash=f"sha256:{sha['a.bin']}", verified="true", license="CC0"),
+        dict(name="b", kind="volume", group="g", url=f"{base}/b.bin?versionId=xyz", hash=f"md5:{md5}", verified="true", license="CC0"),
+        dict(name="wrong", kind="volume", url=f"{base}/a.bin", hash="sha256:" + "0" * 64, verified="true", license="CC0"),
+        dict(name="unverified", kind="weights", url=f"{base}/b.bin", hash="", verified="false", license="?"),
+        dict(name="ref_only", kind="source", url="", hash="", verified="false", license="DUA"),
+    ]
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(manifest, rows)
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(manifest))
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DDPM_MINI_MIRROR", raising=False)
+    return root, base, tmp_path / "cache"
+
+
+def files_in(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_fetch_right_hash_then_cache(assets):
+    root, base, cache = assets
+    path = dm.fetch("a")
+    assert path.read_bytes() == (root / "a.bin").read_bytes()
+    assert path.parent == cache / "a"
+    (root / "a.bin").unlink()  # served from the cache now
+    assert dm.fetch("a") == path
+    assert dm.fetch("b").name == "b.bin"  # query string dropped, md5 checked
+
+
+def test_fetch_wrong_hash_leaves_nothing(assets):
+    _, _, cache = assets
+    with pytest.raises(ValueError, match="does not match the manifest hash"):
+        dm.fetch("wrong")
+    assert files_in(cache) == []
+
+
+def test_fetch_unreachable_names_asset_and_mirror(assets, monkeypatch, closed_port, tmp_path):
+    _, _, cache = assets
+    monkeypatch.setenv("DDPM_MINI_MIRROR", f"http://127.0.0.1:{closed_port}/assets")
+    with pytest.raises(ConnectionError, match=r"'a'.*DDPM_MINI_MIRROR"):
+        dm.fetch("a")
+    assert files_in(cache) == []
+
+
+def test_fetch_unverified_warns_once(assets):
+    dm._WARNED_UNVERIFIED.discard("unverified")
+    with pytest.warns(UserWarning, match="not verified"):
+        dm.fetch("unverified")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.fetch("unverified")
+
+
+def test_fetch_errors(assets):
+    with pytest.raises(ValueError, match="unknown asset 'nope'.*a, b"):
+        dm.fetch("nope")
+    with pytest.raises(ValueError, match="cannot be fetched"):
+        dm.fetch("ref_only")
+
+
+def test_mirror_folder_and_url(assets, monkeypatch, tmp_path):
+    root, base, cache = assets
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "a.bin").write_bytes((root / "a.bin").read_bytes())
+    (mirror / "b.bin").write_bytes(b"tampered")
+    monkeypatch.setenv("DDPM_MINI_MIRROR", str(mirror))
+    assert dm.fetch("a").read_bytes() == (root / "a.bin").read_bytes()
+    with pytest.raises(ValueError, match="does not match"):
+        dm.fetch("b")
+    assert files_in(cache) == ["a/a.bin"]
+    monkeypatch.setenv("DDPM_MINI_MIRROR", base + "/")
+    assert dm.fetch("b").read_bytes() == (root / "b.bin").read_bytes()
+
+
+def test_fetch_group(assets):
+    paths = dm.fetch_group("g", progress=False)
+    assert [p.name for p in paths] == ["a.bin", "b.bin"]
+    with pytest.raises(ValueError, match="no fetchable assets in group 'zz'"):
+        dm.fetch_group("zz")
+
+
+def test_load_pretrained_through_the_manifest(tmp_path, http_server, monkeypatch):
+    """load_pretrained fetches medforj_<prediction>, builds UNet(**MEDFORJ_UNET) and loads it strictly."""
+    root, base = http_server
+    reference = randomize(dm.UNet(**dm.MEDFORJ_UNET), seed=9, scale=0.02)
+    save_file(reference.state_dict(), str(root / "MedForj-weights-flow_ema.safetensors"))
+    rows = dm.read_manifest(pathlib.Path(dm.__file__).with_name("data_manifest.csv"))
+    write_manifest(tmp_path / "m.csv", rows.values())
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(tmp_path / "m.csv"))
+    monkeypatch.setenv("DDPM_MINI_MIRROR", base)
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="not verified"):
+        dm._WARNED_UNVERIFIED.discard("medforj_flow")
+        model = dm.load_pretrained("flow", device="cpu")
+    assert not model.training
+    assert torch.equal(model.middle_block.attention.attn.to_q.weight, reference.middle_block.attention.attn.to_q.weight)
