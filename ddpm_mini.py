@@ -1,4 +1,29 @@
-"""ddpm-mini: placeholder docstring (written with the core)."""
+"""ddpm-mini: a small, exact kit for 3D diffusion models of minimally preprocessed brain MRI.
+
+It reproduces "Diffusion-Driven Generation of Minimally Preprocessed Brain MRI"
+(Remedios, Carass, Prince, Dewey): 3D DDPMs trained on ~80k T1-weighted volumes,
+left unregistered and not skull-stripped, with four things the U-Net can be
+asked to predict: noise (eps), sample (x0), velocity (v) and flow (eps - x0).
+Noise prediction failed to converge; the other three made brain-like volumes.
+This one module loads the published MedForj weights into its own U-Net (no MONAI
+needed), samples them on a GPU or a CPU, and trains and evaluates small models.
+
+Usage:
+
+    import ddpm_mini as dm
+    model = dm.load_pretrained("flow")                    # fetches the published weights
+    x = dm.sample(model, "flow", steps=64,                # (1, 1, 192, 224, 192) in [-1, 1]
+                  generator=torch.Generator().manual_seed(0))
+    dm.save_nifti(x[0, 0], "sample_flow.nii.gz")          # LPS, 1 mm, uint16
+    dm.view(x)                                            # slices with sliders in a notebook
+
+    small = dm.UNet(channels=(16, 32), attention_levels=(False, True), norm_num_groups=8)
+    loss = dm.diffusion_loss(small, batch, "velocity")    # batch: (B, 1, D, H, W) in [-1, 1]
+
+Command line: python ddpm_mini.py --help. Sections follow the teaching order:
+constants, noise schedule, parameterizations, U-Net, sampler, weights, data,
+training, evaluation, viewing, command line.
+"""
 from __future__ import annotations
 
 # =============================================================================
@@ -223,9 +248,35 @@ def _norm_act(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.silu(h, inplace=not h.requires_grad)
 
 
+def _norm_act_parts(norm: nn.GroupNorm, parts) -> list:
+    """SiLU(GroupNorm(cat(parts, 1))), returned as the same channel parts, without the concatenation.
+
+    Group statistics from per-channel ones: for the channels c of group g,
+    mean_g = avg_c mean_c and var_g = avg_c (var_c + mean_c^2) - mean_g^2. When no
+    gradient is needed the parts are normalised in place: the caller gives them up.
+    """
+    stats = [torch.var_mean(p.flatten(2).float(), dim=2, correction=0) for p in parts]  # (B, Cp) each
+    var, mean = torch.cat([v for v, _ in stats], 1), torch.cat([m for _, m in stats], 1)  # (B, C)
+    B, C, G = var.shape[0], var.shape[1], norm.num_groups
+    group_mean = mean.reshape(B, G, -1).mean(-1)
+    group_var = ((var + mean**2).reshape(B, G, -1).mean(-1) - group_mean**2).clamp(min=0)
+    scale = torch.rsqrt(group_var + norm.eps).repeat_interleave(C // G, 1) * norm.weight  # (B, C)
+    shift = norm.bias - group_mean.repeat_interleave(C // G, 1) * scale
+    out, start = [], 0
+    for p in parts:
+        shape = (B, p.shape[1]) + (1,) * (p.ndim - 2)
+        s, b = scale[:, start:start + p.shape[1]].reshape(shape), shift[:, start:start + p.shape[1]].reshape(shape)
+        start += p.shape[1]
+        grad = torch.is_grad_enabled() and (p.requires_grad or s.requires_grad)
+        out.append(F.silu(p * s + b) if grad else F.silu(p.mul_(s).add_(b), inplace=True))
+    return out
+
+
 class _Conv(nn.Module):
     """A 'same' convolution held as `.conv` (state-dict keys '<name>.conv.weight', as in MONAI).
 
+    forward(*parts): the parts are channel slices of one input, cat(parts, 1), which
+    is never built: conv(cat([a, b]), W) = conv(a, W[:, :Ca]) + conv(b, W[:, Ca:]).
     A 1x1x1 convolution runs as a matrix product over the flattened voxels, which
     the CPU backends do about 3x faster than their convolution kernels.
     """
@@ -235,12 +286,18 @@ class _Conv(nn.Module):
         self.conv = getattr(nn, f"Conv{dims}d")(cin, cout, kernel, stride=stride, padding=kernel // 2)
         self.pointwise = kernel == 1 and stride == 1
 
-    def forward(self, x):
-        if not self.pointwise:
-            return self.conv(x)
-        w, b = self.conv.weight, self.conv.bias
-        y = torch.matmul(w.flatten(1), x.flatten(2))  # (Cout, Cin) @ (B, Cin, N) -> (B, Cout, N)
-        return y.add_(b.to(y.dtype)[:, None]).reshape(x.shape[0], -1, *x.shape[2:])
+    def forward(self, *parts):
+        if len(parts) == 1 and not self.pointwise:
+            return self.conv(parts[0])
+        w, out, start = self.conv.weight, None, 0
+        for x in parts:
+            wx, start = w[:, start:start + x.shape[1]], start + x.shape[1]
+            if self.pointwise:  # (Cout, Cx) @ (B, Cx, N) -> (B, Cout, N)
+                y = torch.matmul(wx.flatten(1), x.flatten(2)).reshape(x.shape[0], -1, *x.shape[2:])
+            else:
+                y = self.conv._conv_forward(x, wx, None)
+            out = y if out is None else out.add_(y)
+        return out.add_(self.conv.bias.to(out.dtype).reshape(-1, *([1] * (out.ndim - 2))))
 
 
 class _Downsample(nn.Module):
@@ -303,6 +360,8 @@ class ResBlock(nn.Module):
     """x + conv2(act(norm2(conv1(act(norm1(x))) + W emb))), with a 1x1 conv on the skip when C changes.
 
     x: (B, Cin, *S), emb: (B, E) already passed through SiLU -> (B, Cout, *S).
+    On the way up, forward(x, emb, skip) acts on cat([x, skip], 1) without building
+    it (saving two full copies at the finest level); x and skip are consumed.
     """
 
     def __init__(self, dims: int, cin: int, cout: int, emb_channels: int, groups: int, eps: float):
@@ -314,11 +373,16 @@ class ResBlock(nn.Module):
         self.conv2 = _Conv(dims, cout, cout)
         self.skip_connection = _Conv(dims, cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x, emb):
-        h = self.conv1(_norm_act(self.norm1, x))
+    def forward(self, x, emb, skip=None):
+        if skip is None:
+            residual = None
+            h = self.conv1(_norm_act(self.norm1, x))
+        else:  # the residual first: the parts are normalised in place next
+            residual = self.skip_connection(x, skip)
+            h = self.conv1(*_norm_act_parts(self.norm1, [x, skip]))
         h += self.time_emb_proj(emb).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))
         h = self.conv2(_norm_act(self.norm2, h))
-        return h.add_(self.skip_connection(x))
+        return h.add_(self.skip_connection(x) if residual is None else residual)
 
 
 class _SelfAttention(nn.Module):
@@ -472,7 +536,7 @@ class UNet(nn.Module):
         h = self._run(mid.resnet_2, self._run(mid.attention, self._run(mid.resnet_1, h, emb)), emb)
         for block in self.up_blocks:
             for j, res in enumerate(block.resnets):
-                h = self._run(res, torch.cat([h, skips.pop()], 1), emb)  # the skip is freed here
+                h = self._run(res, h, emb, skips.pop())  # acts on cat([h, skip]); the skip is freed here
                 if hasattr(block, "attentions"):
                     h = self._run(block.attentions[j], h)
             if hasattr(block, "upsampler"):

@@ -93,3 +93,20 @@ def test_input_errors_say_what_is_allowed():
         dm.UNet(channels=(8, 16), attention_levels=(False,), norm_num_groups=8)
     with pytest.raises(ValueError, match="num_head_channels"):
         dm.UNet(channels=(8, 24), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8)
+
+
+def test_resblock_on_parts_equals_resblock_on_concatenation():
+    """The up path never builds cat([h, skip]); values and gradients must not notice."""
+    block = randomize(dm.ResBlock(3, 12, 8, 16, groups=4, eps=1e-6), seed=5, scale=0.2).double()
+    g = torch.Generator().manual_seed(0)
+    h, skip = torch.randn(2, 8, 4, 6, 5, generator=g, dtype=torch.float64), torch.randn(2, 4, 4, 6, 5, generator=g, dtype=torch.float64)
+    h, skip = h * 3 + 1, skip * 0.5 - 2  # groups straddle the two parts (group size 3, split at 8)
+    emb = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    expected = block(torch.cat([h, skip], 1), emb)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(h.clone(), emb, skip.clone()), expected.detach(), rtol=1e-10, atol=1e-10)
+    a, b = h.clone().requires_grad_(), skip.clone().requires_grad_()
+    block(a, emb, b).sum().backward()
+    c = torch.cat([h, skip], 1).requires_grad_()
+    block(c, emb).sum().backward()
+    torch.testing.assert_close(torch.cat([a.grad, b.grad], 1), c.grad, rtol=1e-10, atol=1e-10)
