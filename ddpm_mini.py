@@ -255,7 +255,9 @@ def _norm_act_parts(norm: nn.GroupNorm, parts) -> list:
     mean_g = avg_c mean_c and var_g = avg_c (var_c + mean_c^2) - mean_g^2. When no
     gradient is needed the parts are normalised in place: the caller gives them up.
     """
-    stats = [torch.var_mean(p.flatten(2).float(), dim=2, correction=0) for p in parts]  # (B, Cp) each
+    # per-channel statistics in at least float32 (fp16 activations under autocast would overflow)
+    stats = [torch.var_mean(p.flatten(2).to(torch.promote_types(p.dtype, torch.float32)), dim=2, correction=0)
+             for p in parts]  # (B, Cp) each
     var, mean = torch.cat([v for v, _ in stats], 1), torch.cat([m for _, m in stats], 1)  # (B, C)
     B, C, G = var.shape[0], var.shape[1], norm.num_groups
     group_mean = mean.reshape(B, G, -1).mean(-1)
