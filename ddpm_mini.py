@@ -549,7 +549,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(arr)[None, None]
         size = self.size
         if self.voxel_mm is not None:
-            zooms = nib.affines.voxel_sizes(affine @ ornt.inv_ornt_aff(to_lps, arr.shape))
+            zooms = nib.affines.voxel_sizes(affine)[np.argsort(to_lps[:, 0])]       # in LPS axis order
             size = tuple(max(1, round(n * z / self.voxel_mm)) for n, z in zip(arr.shape, zooms))
         if size is not None and tuple(size) != arr.shape:
             shrink = all(s <= n for s, n in zip(size, arr.shape))
