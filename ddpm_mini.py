@@ -397,16 +397,18 @@ def phantom(seed, shape=(64, 64, 64), voxel_mm=None, **params) -> tuple:
     48x56x48 (exactly IMAGE_SHAPE's 192x224x192 mm field of view).
 
     Anatomy (nested ellipsoids in a head frame, all lengths x head_scale): scalp 5 mm, skull
-    6 mm, CSF; a brain envelope folded by r <= 1 + a f(u), where u is the direction from the
-    centre and f = sum_k w_k sin(omega_k . u + phi_k) (8 terms, w_k ~ N(0, 1), |omega_k| ~
-    U(10, 20) rad, f divided by 1.5 std and clipped to [-1, 1]) makes gyri and sulci; white matter is the same folded surface
-    cortex_mm further in (a thick, unfolded-scale shell, so cortex and WM volumes come out
-    comparable as in real brains); lateral ventricles, thalami and putamina are ellipsoids
-    on each side inside the WM. Atrophy shrinks the brain (CSF fills the gap) and grows the
-    ventricles. Pose: x_head = R^T (x - t), R from rotation_deg, t = shift_mm, like an
-    unregistered scan. Intensity: PHANTOM_INTENSITIES per label, times a smooth bias field
-    1 + b g(x) on the signal (image + 1) / 2, with g a random quadratic polynomial of the
-    position scaled to max |g| = 1, plus Gaussian noise N(0, noise_sd^2), clipped to [-1, 1].
+    6 mm, CSF; a brain envelope folded by r <= 1 + a f(u), where r is the ellipsoidal radius,
+    u the direction from the centre and f = sum_k w_k sin(omega_k . u + phi_k) (8 terms,
+    w_k ~ N(0, 1), |omega_k| ~ U(10, 20) rad, f divided by 1.5 std and clipped to [-1, 1]),
+    which makes gyri and sulci (the envelope is shrunk by 1 + a so they stay inside the
+    skull); white matter is the same folded surface cortex_mm further in (a thick shell, so
+    cortex and WM volumes come out comparable as in real brains); lateral ventricles, thalami
+    and putamina are ellipsoids on each side inside the WM. Atrophy shrinks the brain (CSF
+    fills the gap) and grows the ventricles. Pose: x_head = R^T (x - t), R from rotation_deg,
+    t = shift_mm, like an unregistered scan. Intensity: PHANTOM_INTENSITIES per label, times
+    a smooth bias field 1 + b g(x) on the signal (image + 1) / 2, g a random quadratic
+    polynomial of the position with |g| <= 1, plus Gaussian noise N(0, noise_sd^2), clipped
+    to [-1, 1].
 
     Every random draw comes from numpy's Generator seeded with seed, distributions in
     PHANTOM_DISTRIBUTIONS. Keyword params fix any of those draws (e.g. atrophy=0.9,
@@ -643,3 +645,5 @@ def _cmd_preprocess(args) -> int:
     print(f"{'mask' if getattr(args, 'mask', None) else 'head'} centre at voxel "
           f"({', '.join(f'{v:.1f}' for v in landed)}); grid centre ({', '.join(f'{v:.1f}' for v in grid_centre)})")
     return 0
+
+# --- end of the preprocess subcommand block ------------------------------------------------------
