@@ -18,7 +18,8 @@ def test_environment_yml_mirrors_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = dict(requirement(s) for s in project["dependencies"] + project["optional-dependencies"]["test"])
     conda = {}
-    for line in (ROOT / "environment.yml").read_text().splitlines():
+    text = (ROOT / "environment.yml").read_text()
+    for line in text[text.index("dependencies:"):].splitlines():
         m = re.match(r"^\s+-\s+([A-Za-z][A-Za-z0-9_.\-]*)\s*([<>=!~].*)?$", line)
         if m and m.group(1) not in ("pip",):
             conda[m.group(1).lower()] = (m.group(2) or "").replace(" ", "")
