@@ -271,3 +271,56 @@ def test_ssim_and_diversity():
     assert dm.diversity(noise, max_pairs=2) == pytest.approx(dm.diversity(noise), abs=0.05)
     with pytest.raises(ValueError, match="at least 2"):
         dm.diversity(noise[:1])
+
+
+# ---------------------------------------------------------------------------
+# Report and command line
+# ---------------------------------------------------------------------------
+
+def test_comparison_report_writes_csv_and_png(tmp_path):
+    rng = np.random.default_rng(3)
+    cols = ("left thalamus", "right thalamus", "left putamen", "right putamen")
+    real = _table([f"r{i}" for i in range(30)], **{c: rng.normal(7000, 400, 30) for c in cols})
+    sets = {name: _table([f"{name}{i}" for i in range(25)], **{c: rng.normal(7000 + shift, 400, 25) for c in cols})
+            for name, shift in (("sample", -1200), ("velocity", 0), ("flow", 50))}
+    out = dm.comparison_report(real, sets, tmp_path / "rep", merge_lr=True, n_permutations=999)
+    assert out["csv"].exists() and out["figure"].exists()
+    assert out["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = dm.read_rows_csv(out["csv"])
+    assert len(rows) == 6 and [r["set"] for r in rows] == ["sample"] * 2 + ["velocity"] * 2 + ["flow"] * 2
+    assert [r["structure"] for r in rows[:2]] == ["thalamus", "putamen"]
+    for r, mem in zip(rows, out["table"]):
+        assert r["p_adjusted"] == pytest.approx(float(mem["p_adjusted"]), rel=1e-12)
+        assert r["mean_real"] == pytest.approx(float(mem["mean_real"]), rel=1e-12)
+    assert rows[0]["p_adjusted"] <= 2 / 1000 and rows[0]["difference"] < -1500     # merged: 2 x -1200
+    assert rows[2]["p"] > 0.01 and rows[4]["p"] > 0.01
+    assert not list((tmp_path / "rep").glob(".*tmp*"))  # nothing half-written left behind
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser(prog="ddpm_mini.py")
+    dm._evaluate_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_on_synthseg_csvs(tmp_path, capsys):
+    subj = lambda tag, n: [f"/data/{tag}-{i:02d}.nii.gz" for i in range(n)]
+    synthseg_csv(tmp_path / "real.csv", SYNTHSEG2, subj("real", 20), seed=1, thalamus_mm3=7000)
+    synthseg_csv(tmp_path / "sample.csv", SYNTHSEG2, subj("sample", 15), seed=2, thalamus_mm3=5500)
+    synthseg_csv(tmp_path / "flow.csv", SYNTHSEG1 + PARC, subj("flow", 15), seed=3, thalamus_mm3=7000)
+    code = run_cli(["evaluate", "--real", str(tmp_path / "real.csv"),
+                    "--synthetic", f"sample={tmp_path / 'sample.csv'}", f"flow={tmp_path / 'flow.csv'}",
+                    "--out", str(tmp_path / "out"), "--structures", "thalamus", "caudate",
+                    "--merge-lr", "--permutations", "999", "--seed", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "p_adjusted" in printed and "wrote" in printed
+    rows = dm.read_rows_csv(tmp_path / "out" / "volumes.csv")
+    assert [(r["set"], r["structure"]) for r in rows] == [("sample", "thalamus"), ("sample", "caudate"),
+                                                          ("flow", "thalamus"), ("flow", "caudate")]
+    assert rows[0]["p"] == 1 / 1000 and rows[0]["difference"] == pytest.approx(-3000, abs=600)
+    assert rows[2]["p"] > 0.01
+    assert (tmp_path / "out" / "volumes.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="NAME=CSV"):
+        run_cli(["evaluate", "--real", str(tmp_path / "real.csv"), "--synthetic", "flow.csv", "--out", "x"])
