@@ -603,14 +603,12 @@ class PhantomDataset(torch.utils.data.IterableDataset):
 # 10. Evaluation
 # =============================================================================
 
-# A *volume table* is a plain dict, one row per subject:
-#     {"subject": [str] (N,)   the names as given (e.g. "/data/sub-01_T1w.nii.gz"),
-#      "id":      [str] (N,)   the same without directory and .nii/.nii.gz/.mgz,
-#      "volumes": {structure: float64 ndarray (N,)}}   mm^3, in column order.
-# Structure names are stripped and lower-cased; when two tables are matched,
-# "_" and " " count as the same ("left_thalamus" is "left thalamus"). A *result*
-# is a list of dict rows (one per structure). write_table_csv writes either;
-# read_synthseg_csv reads volume tables back, read_rows_csv results.
+# Volume tables. A *volume table* is a plain dict, one entry per subject:
+#     {"subject": [str] (N,)  names as given, e.g. "/data/sub-01_T1w.nii.gz",
+#      "id":      [str] (N,)  the same without directory and .nii/.nii.gz/.mgz suffix,
+#      "volumes": {structure: float64 ndarray (N,)}}  mm^3, in column order.
+# Structure names are stripped and lower-cased; when tables are matched, "_" and " "
+# are the same ("left_thalamus" is "left thalamus"). A *result* is a list of dict rows.
 
 
 def _name_key(name: str) -> str:
@@ -621,36 +619,33 @@ def _name_key(name: str) -> str:
 def _subject_id(name: str) -> str:
     """'/a/b/sub-01_T1w.nii.gz' -> 'sub-01_T1w' (directory and image suffix dropped)."""
     base = str(name).strip().replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in (".nii.gz", ".nii", ".mgz"):
-        if base.lower().endswith(suffix):
-            return base[: -len(suffix)]
-    return base
+    suffix = next((s for s in (".nii.gz", ".nii", ".mgz") if base.lower().endswith(s)), "")
+    return base[: len(base) - len(suffix)]
 
 
 def _volume_table(subjects, columns: dict) -> dict:
     subjects = [str(s) for s in subjects]
-    cols = {str(k).strip().lower(): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in columns.items()}
-    for k, v in cols.items():
-        if v.size != len(subjects):
-            raise ValueError(f"column {k!r} has {v.size} values for {len(subjects)} subjects")
+    cols = {str(k).strip().lower(): np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
+    bad = [k for k, v in cols.items() if v.size != len(subjects)]
+    if bad:
+        raise ValueError(f"column(s) {bad} do not have one value for each of the {len(subjects)} subjects")
     return {"subject": subjects, "id": [_subject_id(s) for s in subjects], "volumes": cols}
 
 
 def read_synthseg_csv(path) -> dict:
     """Read a SynthSeg `--vol` CSV (1.0 or 2.0, with or without --parc) -> volume table.
 
-    Header `subject,<structure>,...`, one row per image, values in mm^3. Any
-    structure columns are kept, in order (2.0: 33, 1.0: 31 without 'total
-    intracranial' and 'csf'; --parc adds 68 `ctx-lh-*`/`ctx-rh-*`). Also reads
-    tables written by write_table_csv. ValueError on a header without a leading
-    'subject' column, a repeated structure, a ragged row or a non-numeric value.
+    Header `subject,<structure>,...`, one row per image, values in mm^3. All structure
+    columns are kept in order (2.0: 33; 1.0: 31, without 'total intracranial' and 'csf';
+    --parc adds 68 `ctx-lh-*`/`ctx-rh-*`). Also reads what write_table_csv writes.
+    ValueError for a first column other than 'subject', repeated or empty structure
+    names, ragged rows and non-numeric values.
     """
-    path = pathlib.Path(path)
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     if not rows or rows[0][0].strip().lower() != "subject":
-        first = rows[0][0] if rows else "nothing"
-        raise ValueError(f"{path}: the first column must be 'subject' (SynthSeg --vol CSV), found {first!r}")
+        raise ValueError(f"{path}: the first column must be 'subject' (a SynthSeg --vol CSV), "
+                         f"found {rows[0][0] if rows else 'nothing'!r}")
     names = [c.strip().lower() for c in rows[0][1:]]
     if len(set(names)) != len(names) or "" in names:
         raise ValueError(f"{path}: structure names must be unique and non-empty, got {names}")
@@ -662,106 +657,220 @@ def read_synthseg_csv(path) -> dict:
             try:
                 values[i, j] = float(cell)
             except ValueError:
-                raise ValueError(f"{path}, data row {i + 1} ({row[0]!r}), column {names[j]!r}: "
-                                 f"{cell!r} is not a number (volumes in mm^3 expected)") from None
+                raise ValueError(f"{path}, data row {i + 1} ({row[0]!r}), column {names[j]!r}: {cell!r} "
+                                 "is not a number (volumes in mm^3 expected)") from None
     return _volume_table([r[0].strip() for r in rows[1:]], dict(zip(names, values.T)))
 
 
 def write_table_csv(table, path) -> pathlib.Path:
     """Write a volume table (subject + structure columns) or a result (list of dict rows) as CSV."""
     if isinstance(table, dict):
-        header = ["subject", *table["volumes"]]
-        body = [[s, *(repr(float(v[i])) for v in table["volumes"].values())] for i, s in enumerate(table["subject"])]
+        body = [["subject", *table["volumes"]]]
+        body += [[s, *(repr(float(v[i])) for v in table["volumes"].values())] for i, s in enumerate(table["subject"])]
     else:
-        header = list(table[0]) if table else []
-        body = [[repr(float(v)) if isinstance(v, (float, np.floating)) else v for v in r.values()] for r in table]
+        body = [list(table[0]) if table else []]
+        body += [[repr(float(v)) if isinstance(v, float) else v for v in r.values()] for r in table]
 
     def write(tmp):
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows([header, *body])
+            csv.writer(f).writerows(body)
     _atomic_write(pathlib.Path(path), write)
     return pathlib.Path(path)
 
 
 def read_rows_csv(path) -> list:
-    """Read a result CSV (write_table_csv of a list of rows): numbers become float, the rest str."""
-    def num(s):
+    """Read a result CSV (write_table_csv of rows) -> list of dicts; numbers become float."""
+    def cell(s):
         try:
             return float(s)
         except ValueError:
             return s
     with open(path, newline="", encoding="utf-8") as f:
-        return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def _left_right(name: str):
+def _left_right(name: str) -> tuple:
     """'left thalamus' -> ('left', 'thalamus'); 'ctx-rh-insula' -> ('right', 'ctx-insula'); else (None, name)."""
-    for side in ("left", "right"):
-        if name[: len(side)] == side and name[len(side): len(side) + 1] in (" ", "_", "-"):
-            return side, name[len(side) + 1:]
-    for tag, side in (("ctx-lh-", "left"), ("ctx-rh-", "right")):
+    for side, tag in (("left", "ctx-lh-"), ("right", "ctx-rh-")):
         if name.startswith(tag):
             return side, "ctx-" + name[len(tag):]
+        if name.startswith(side) and name[len(side): len(side) + 1] in (" ", "_", "-"):
+            return side, name[len(side) + 1:]
     return None, name
 
 
 def merge_left_right(table: dict) -> dict:
-    """Sum left/right pairs: 'left_X' + 'right_X' -> 'X' ('left X', 'ctx-lh-X' likewise).
+    """Sum left/right pairs: 'left_X' + 'right_X' -> 'X' (also 'left X', 'ctx-lh-X').
 
-    The merged column takes the place of the first of the pair; a structure
-    without its partner, and one without a side, is kept as it is.
+    The merged column takes the place of the pair's first; unpaired and unsided columns stay.
     """
-    cols = table["volumes"]
-    sides = {name: _left_right(name) for name in cols}
+    cols, sides = table["volumes"], {n: _left_right(n) for n in table["volumes"]}
     pairs = {}
     for name, (side, base) in sides.items():
         if side:
             pairs.setdefault(_name_key(base), {})[side] = name
     out = {}
     for name, (side, base) in sides.items():
-        pair = pairs.get(_name_key(base), {}) if side else {}
-        if len(pair) == 2:
-            if base not in out:
-                out[base] = cols[pair["left"]] + cols[pair["right"]]
-        else:
+        pair = pairs[_name_key(base)] if side else {}
+        if len(pair) < 2:
             out[name] = cols[name]
-    return {"subject": list(table["subject"]), "id": list(table["id"]), "volumes": out}
+        elif base not in out:
+            out[base] = cols[pair["left"]] + cols[pair["right"]]
+    return {**table, "volumes": out}
+
+# --- Phantom segmentation ------------------------------------------------------------------
 
 
-def regional_volumes(maps, voxel_mm=1.0, labels=None, merge_lr=False, **segment_kw) -> dict:
-    """Volume (mm^3) of each labelled structure in each map -> volume table.
+def _grow6(r: torch.Tensor) -> torch.Tensor:
+    """One step of 6-connected dilation of a bool volume (X, Y, Z)."""
+    g = r.clone()
+    for ax in range(3):
+        n = r.shape[ax]
+        g.narrow(ax, 1, n - 1).logical_or_(r.narrow(ax, 0, n - 1))
+        g.narrow(ax, 0, n - 1).logical_or_(r.narrow(ax, 1, n - 1))
+    return g
 
-    maps: integer label maps (X, Y, Z), or float images in [-1, 1] which are
-    segmented with segment_phantom(image, **segment_kw) first; as a sequence,
-    an (N, X, Y, Z) array/tensor, or a dict {subject: map}. voxel_mm: a float,
-    (3,), or one of those per map. labels: {int: name}, default PHANTOM_LABELS;
-    label 0 (background) is not reported. V_s = #{voxels == s} * prod(voxel_mm).
+
+def _flood(mask: torch.Tensor, seeds: torch.Tensor, rival=None) -> torch.Tensor:
+    """The voxels of mask 6-connected (within mask) to seeds: bool (X, Y, Z). With rival seeds,
+    both fronts grow a voxel per step and each voxel goes to the first to reach it (ties: seeds)."""
+    a, b = seeds & mask, (torch.zeros_like(mask) if rival is None else rival & mask & ~seeds)
+    while True:
+        a_next = _grow6(a) & mask & ~b
+        b_next = _grow6(b) & mask & ~a_next
+        if torch.equal(a_next, a) and torch.equal(b_next, b):
+            return a
+        a, b = a_next, b_next
+
+
+def _despeckle(labels: torch.Tensor, n_labels: int, min_same=4, rounds=2) -> torch.Tensor:
+    """Give each voxel that shares its label with fewer than min_same of its 26 neighbours the
+    neighbours' most common label: isolated noise goes, 1-voxel-thin sheets (8 neighbours) stay."""
+    n = labels.shape
+    offsets = [(i, j, k) for i in range(3) for j in range(3) for k in range(3) if (i, j, k) != (1, 1, 1)]
+    for _ in range(rounds):
+        padded = F.pad(labels + 1, (1, 1) * 3)                                     # 0 off the grid
+        nbrs = [padded[i:i + n[0], j:j + n[1], k:k + n[2]] for i, j, k in offsets]  # 26 views
+        odd = sum(v.eq(labels + 1) for v in nbrs) < min_same
+        votes = F.one_hot(torch.stack([v[odd] for v in nbrs], 1), n_labels + 1)[..., 1:].sum(1)  # (m, K)
+        labels = labels.masked_scatter(odd, votes.argmax(1))
+    return labels
+
+
+def segment_phantom(image, n_iter=5) -> np.ndarray:
+    """Label a phantom() image with PHANTOM_LABELS numbers: (X, Y, Z) in [-1, 1] -> uint8 (X, Y, Z).
+
+    Uses the signal s = (image + 1) / 2, whose scale (e.g. to_model of a saved uint16
+    NIfTI) the bias field absorbs. Voxels up to 4 mm: coarser, the 5-6 mm scalp and skull
+    no longer close the head and the background floods in. Steps:
+    1. topology: background = voxels darker than the CSF/cortex midpoint connected to the
+       grid border; scalp = brighter voxels connected to the background;
+    2. bias: n_iter times, give each other voxel the label of the nearest mean
+       m_k = (PHANTOM_INTENSITIES[k] + 1) / 2 of r = s / B, then fit B(x), a quadratic
+       polynomial of position (10 terms), by least squares s ~ m_k B(x) over scalp, CSF,
+       cortex and white-matter voxels within half a gap of their mean; label by r;
+    3. positions are mapped to the phantom's head frame (mm) by the head mask's centroid
+       and per-axis spread (a solid ellipsoid of semi-axes a has sd a / sqrt(5)); CSF that
+       a flood from the skull reaches before a flood from the ventricles' centres is CSF,
+       the rest ventricles; isolated voxels are despeckled;
+    4. deep gray -> thalamus / putamen, left / right: 4-means of the positions, started at
+       the phantom's centres (thalamus medial-posterior, putamen lateral-anterior; axis 0
+       grows to the subject's left, axis 1 to posterior).
     """
+    x = torch.as_tensor(image if torch.is_tensor(image) else np.asarray(image, np.float32)).float().cpu()
+    if x.ndim != 3:
+        raise ValueError(f"segment_phantom needs one volume (X, Y, Z), got shape {tuple(x.shape)}")
+    s = (x.clamp(-1, 1) + 1) / 2                                                  # signal >= 0
+    means = torch.tensor([(PHANTOM_INTENSITIES[k] + 1) / 2 for k in range(len(PHANTOM_LABELS))])
+    inner, fit = torch.tensor([2, 3, 4, 5, 7, 9]), torch.tensor([1, 3, 4, 5])
+    gaps = (means[:, None] - means).abs()
+    half_gap = torch.where(gaps > 1e-6, gaps, torch.inf).min(1).values / 2       # (K,)
+
+    dark = s < (means[3] + means[4]) / 2                                         # 1. topology
+    border = torch.zeros_like(dark)
+    for ax in range(3):
+        border.narrow(ax, 0, 1).fill_(True)
+        border.narrow(ax, x.shape[ax] - 1, 1).fill_(True)
+    background = _flood(dark, border)
+    scalp = _flood(~dark | background, background) & ~background
+    classify = lambda r: inner[(r[..., None] - means[inner]).abs().argmin(-1)]   # noqa: E731
+
+    g = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in x.shape], indexing="ij")  # 2. bias field
+    terms = torch.stack([torch.ones_like(g[0]), *g, *(gi * gj for i, gi in enumerate(g) for gj in g[i:])])
+    step = max(1, round((x.numel() / 2e5) ** (1 / 3)))                           # fit on <= ~2e5 voxels
+    sub = lambda v: v[..., ::step, ::step, ::step].reshape(*v.shape[:-3], -1)    # noqa: E731
+    bias = torch.ones_like(s)
+    for _ in range(n_iter):
+        r = sub(s / bias)
+        cls = torch.where(sub(scalp), 1, classify(r))
+        use = torch.isin(cls, fit) & ~sub(background) & ((r - means[cls]).abs() < half_gap[cls])
+        design = (means[cls[use]] * sub(terms)[:, use]).T.double()              # (n, 10)
+        beta = torch.linalg.lstsq(design, sub(s)[use, None].double()).solution[:, 0].float()
+        bias = torch.einsum("j,j...->...", beta, terms).clamp_min(0.05)
+    labels = torch.where(scalp, 1, classify(s / bias))
+    labels[background] = 0
+
+    head = (~background).nonzero().float()                                      # 3. head frame, CSF
+    centre, scale = head.mean(0), torch.tensor(_HEAD_SEMI / 5 ** 0.5, dtype=torch.float32) / head.std(0)
+    mm = lambda m: (m.nonzero().float() - centre) * scale                        # noqa: E731 (n, 3)
+    side = torch.tensor([[1.0, 1, 1], [-1, 1, 1]])                               # left, mirrored right
+    csf, skull = labels.eq(3), labels.eq(2)
+    seeds = torch.zeros_like(csf)
+    near = torch.cdist(mm(csf), torch.tensor(_VENTRICLE[0]).float() * side).min(1).values < 8
+    seeds[tuple(csf.nonzero()[near].T)] = True
+    labels[csf & ~_flood(csf | skull, skull, rival=seeds)] = 6
+    labels[labels.eq(9)] = 7
+    labels = _despeckle(labels, len(PHANTOM_LABELS))
+
+    gray = labels.eq(7)                                                          # 4. deep gray
+    pts = mm(gray)
+    centres = torch.cat([torch.tensor(_THALAMUS[0]).float() * side, torch.tensor(_PUTAMEN[0]).float() * side])
+    semi = torch.tensor([_THALAMUS[1]] * 2 + [_PUTAMEN[1]] * 2).float()
+    for _ in range(10):        # nearest by ellipsoidal radius |(p - c_k) / a_k|, c_k the cluster means
+        near = (((pts[:, None] - centres) / semi) ** 2).sum(-1).argmin(1)
+        centres = torch.stack([pts[near == k].mean(0) if (near == k).any() else centres[k] for k in range(4)])
+    labels[gray] = torch.tensor([7, 8, 9, 10])[near]
+    return labels.numpy().astype(np.uint8)
+
+
+def dice(a, b, labels=None) -> dict:
+    """Dice overlap per structure of two label maps of one shape: {name: 2 |A n B| / (|A| + |B|)}.
+
+    labels: {number: name}, default PHANTOM_LABELS; background (0) left out; NaN where
+    the structure is in neither map.
+    """
+    a, b = (np.asarray(v.cpu() if torch.is_tensor(v) else v).astype(np.int64) for v in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"dice needs label maps of one shape, got {a.shape} and {b.shape}")
     labels = PHANTOM_LABELS if labels is None else labels
-    if isinstance(maps, dict):
-        subjects, maps = list(maps), list(maps.values())
-    else:
-        maps = list(maps)
-        subjects = [f"subject_{i:03d}" for i in range(len(maps))]
-    vox = np.asarray(voxel_mm, dtype=np.float64)
-    try:
-        vox = np.broadcast_to(vox if vox.ndim == 2 else vox.reshape(1, -1), (len(maps), 3))
-    except ValueError:
-        raise ValueError(f"voxel_mm must be a float, (3,) or ({len(maps)}, 3); got shape {vox.shape}") from None
-    keys = [k for k in sorted(labels) if k != 0]
-    counts = np.zeros((len(maps), max(labels) + 1))
-    for i, m in enumerate(maps):
+    return {name: float(2 * np.sum((a == k) & (b == k)) / d) if (d := np.sum(a == k) + np.sum(b == k)) else math.nan
+            for k, name in labels.items() if k != 0}
+
+
+def regional_volumes(maps, voxel_mm=None, merge_lr=False, **segment_kw) -> dict:
+    """phantom_volumes of each map -> volume table (mm^3 per PHANTOM_LABELS structure).
+
+    maps: integer label maps (X, Y, Z), or float images in [-1, 1], which are segmented with
+    segment_phantom(image, **segment_kw) first; a sequence, an (N, X, Y, Z) array or tensor,
+    or a dict {subject: map}. voxel_mm: None (the phantom default 224 / max(shape)), a float,
+    (3,), or (N, 3), one row per map. V_s = #{voxels labelled s} * prod(voxel_mm).
+    """
+    subjects, maps = (list(maps), list(maps.values())) if isinstance(maps, dict) else (None, list(maps))
+    subjects = subjects or [f"subject_{i:03d}" for i in range(len(maps))]
+    vox = [None] * len(maps) if voxel_mm is None else np.asarray(voxel_mm, np.float64)
+    if voxel_mm is not None and vox.ndim < 2:
+        vox = [vox] * len(maps)
+    rows = []
+    for name, m, v in zip(subjects, maps, vox):
         m = m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m)
-        if np.issubdtype(m.dtype, np.floating):
-            m = segment_phantom(m, **segment_kw)
-        found = np.bincount(m.astype(np.int64).ravel())
-        stray = [k for k in np.flatnonzero(found) if k not in labels]
-        if stray:
-            raise ValueError(f"label map {subjects[i]!r} has values {stray} outside the labels {sorted(labels)}")
-        counts[i, : found.size] = found
-    cols = {labels[k]: counts[:, k] * vox.prod(axis=1) for k in keys}
-    table = _volume_table(subjects, cols)
+        m = segment_phantom(m, **segment_kw) if np.issubdtype(m.dtype, np.floating) else m
+        if m.min() < 0 or m.max() >= len(PHANTOM_LABELS):
+            raise ValueError(f"label map {name!r} has values outside 0..{len(PHANTOM_LABELS) - 1} (PHANTOM_LABELS)")
+        rows.append(phantom_volumes(m, voxel_mm=v))
+    table = _volume_table(subjects, {k: [r[k] for r in rows] for k in rows[0]} if rows else {})
     return merge_left_right(table) if merge_lr else table
+
+# --- Statistics: permutation tests, effect sizes, Wasserstein, multiple testing ------------
 
 
 def wasserstein1(a, b) -> float:
@@ -896,6 +1005,8 @@ def compare_volumes(a, b, structures=None, n_permutations=10000, seed=0, correct
                      "wasserstein": wasserstein1(va, vb)})
     return rows
 
+# --- Image-level checks: intensity histograms, diversity (3-D SSIM) -----------------------
+
 
 def _as_batch(volumes) -> torch.Tensor:
     """A sequence of volumes or an (N, ...) array/tensor -> float32 tensor (N, X, Y, Z)."""
@@ -990,9 +1101,11 @@ def diversity(volumes, max_pairs=None, seed=0, **ssim_kw) -> float:
     scores = [ssim3d(x[i[k:k + step]], x[j[k:k + step]], **ssim_kw) for k in range(0, i.size, step)]
     return float(torch.cat(scores).mean())
 
+# --- Report and loading -------------------------------------------------------------------
+
 
 def comparison_report(real, synthetic: dict, out_dir, structures=None, merge_lr=False, n_permutations=10000,
-                      seed=0, correction="holm", voxel_mm=1.0, name="volumes") -> dict:
+                      seed=0, correction="holm", voxel_mm=None, name="volumes") -> dict:
     """Compare real against each synthetic set; write <name>.csv and <name>.png in out_dir.
 
     real: a volume table, or volumes/label maps for regional_volumes(voxel_mm=...);
@@ -1002,7 +1115,7 @@ def comparison_report(real, synthetic: dict, out_dir, structures=None, merge_lr=
     real first, then each set, titled with the adjusted p-values.
     Returns {"csv": path, "figure": path, "table": rows (with a "set" key)}.
     """
-    as_table = lambda v: v if isinstance(v, dict) and "volumes" in v else regional_volumes(v, voxel_mm=voxel_mm)
+    as_table = lambda v: v if isinstance(v, dict) and "volumes" in v else regional_volumes(v, voxel_mm)  # noqa: E731
     real = merge_left_right(as_table(real)) if merge_lr else as_table(real)
     sets = {k: merge_left_right(as_table(v)) if merge_lr else as_table(v) for k, v in synthetic.items()}
     if not sets:
@@ -1030,7 +1143,7 @@ def comparison_report(real, synthetic: dict, out_dir, structures=None, merge_lr=
         for g, d in enumerate(data):
             ax.scatter(g + 1 + rng.uniform(-0.15, 0.15, d.size), d, s=6, alpha=0.5)
         ax.set_xticks(range(1, len(data) + 1), ["real", *sets], rotation=30)
-        p = ", ".join(f"{r['p_adjusted']:.2g}" for r in rows if r["structure"] == names[1])
+        p = ", ".join(f"{r['p_adjusted']:.2g}" for r in rows if _name_key(r["structure"]) == _name_key(names[0]))
         ax.set_title(f"{names[0]}\np_adj: {p}", fontsize=9)
         ax.set_ylabel("mm$^3$")
     fig_path = out_dir / f"{name}.png"
@@ -1038,12 +1151,12 @@ def comparison_report(real, synthetic: dict, out_dir, structures=None, merge_lr=
     return {"csv": csv_path, "figure": fig_path, "table": rows}
 
 
-def load_volume_table(source, **segment_kw) -> dict:
+def load_volume_table(source) -> dict:
     """A volume table from a SynthSeg --vol CSV, or from a folder of NIfTI volumes.
 
     A folder whose files end in _labels.nii.gz holds label maps (used as they are);
-    otherwise each .nii/.nii.gz is an image: rescaled to [-1, 1] with to_model
-    (saved files are uint16) and segmented with segment_phantom(**segment_kw).
+    otherwise each .nii/.nii.gz is a phantom image: rescaled to [-1, 1] with to_model
+    (saved files are uint16) and segmented with segment_phantom.
     Voxel sizes come from each file's affine; subjects are the file names.
     """
     source = pathlib.Path(source)
@@ -1060,7 +1173,7 @@ def load_volume_table(source, **segment_kw) -> dict:
         array, affine = load_nifti(f)
         maps[f.name] = np.rint(array).astype(np.uint8) if label_files else to_model(array).numpy()
         vox.append(np.linalg.norm(affine[:3, :3], axis=0))
-    return regional_volumes(maps, voxel_mm=np.stack(vox), **segment_kw)
+    return regional_volumes(maps, voxel_mm=np.stack(vox))
 
 # =============================================================================
 # 11. Viewing (matplotlib, widgets)
