@@ -1205,7 +1205,8 @@ def _cmd_preprocess(args) -> int:
           f"({', '.join(f'{v:.1f}' for v in landed)}); grid centre ({', '.join(f'{v:.1f}' for v in grid_centre)})")
     return 0
 
-# --- evaluate subcommand (section 10); the main parser calls these two ----------
+
+# --- evaluate subcommand (section 10's; the lead wires these two into main's parser) ----------
 
 
 def _evaluate_parser(subparsers):
@@ -1228,16 +1229,20 @@ def _evaluate_parser(subparsers):
 
 
 def _cmd_evaluate(args) -> int:
-    """Run `evaluate`: load every set, comparison_report, print the table; returns the exit code."""
-    synthetic = {}
-    for spec in args.synthetic:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"evaluate: --synthetic takes NAME=CSV|DIR, got {spec!r}")
-        synthetic[name] = load_volume_table(path)
-    report = comparison_report(load_volume_table(args.real), synthetic, args.out, structures=args.structures,
-                               merge_lr=args.merge_lr, n_permutations=args.permutations, seed=args.seed,
-                               correction=args.correction)
+    """Run `evaluate`: load each set, comparison_report, print the table; 0 on success, 1 on bad input."""
+    try:
+        synthetic = {}
+        for spec in args.synthetic:
+            name, sep, path = spec.partition("=")
+            if not (sep and name and path):
+                raise ValueError(f"--synthetic takes NAME=CSV|DIR, got {spec!r}")
+            synthetic[name] = load_volume_table(path)
+        report = comparison_report(load_volume_table(args.real), synthetic, args.out, structures=args.structures,
+                                   merge_lr=args.merge_lr, n_permutations=args.permutations, seed=args.seed,
+                                   correction=args.correction)
+    except (ValueError, OSError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
     cols = ("set", "structure", "mean_real", "mean_synthetic", "difference", "p", "p_adjusted",
             "cohen_d", "wasserstein")
     print("  ".join(f"{c:>14}" for c in cols))
