@@ -773,9 +773,10 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
        and per-axis spread (a solid ellipsoid of semi-axes a has sd a / sqrt(5)); CSF that
        a flood from the skull reaches before a flood from the CSF inside the phantom's mean
        ventricles (x 1.5) is CSF, the rest ventricles; isolated voxels are despeckled;
-    4. deep gray -> thalamus / putamen, left / right: 4-means of the positions, started at
-       the phantom's centres (thalamus medial-posterior, putamen lateral-anterior; axis 0
-       grows to the subject's left, axis 1 to posterior).
+    4. deep gray -> thalamus / putamen, left / right: each voxel goes to the structure of
+       smallest ellipsoidal radius |(p - c_k) / a_k| (a_k the phantom's semi-axes), the c_k
+       started at the phantom's centres (thalamus medial-posterior, putamen lateral-anterior;
+       axis 0 grows to the subject's left, axis 1 to posterior) and moved to the cluster means.
     """
     x = torch.as_tensor(image if torch.is_tensor(image) else np.asarray(image, np.float32)).float().cpu()
     if x.ndim != 3:
@@ -808,6 +809,8 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
     bias = sum(b * t for b, t in zip(beta, terms)).clamp_min(0.05)             # B(x), (X, Y, Z)
     labels = torch.where(scalp, 1, classify(s / bias))
     labels[background] = 0
+    if background.sum() > background.numel() - 2:                                # no head at all
+        return labels.numpy().astype(np.uint8)
 
     head = (~background).nonzero().float()                                      # 3. head frame, CSF
     centre, scale = head.mean(0), torch.tensor(_HEAD_SEMI / 5 ** 0.5, dtype=torch.float32) / head.std(0)
@@ -819,7 +822,7 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
     near = rho2(mm(csf), torch.tensor(_VENTRICLE[0]).float() * side, torch.tensor(_VENTRICLE[1])).min(1).values
     seeds[tuple(csf.nonzero()[near <= 1.5 ** 2].T)] = True
     labels[csf & ~_flood(csf | skull, skull, rival=seeds)] = 6
-    labels[labels.eq(9)] = 7
+    labels[labels.eq(9)] = 7                                                     # deep gray: one class here
     labels = _despeckle(labels, len(PHANTOM_LABELS))
 
     gray = labels.eq(7)                                                          # 4. deep gray
@@ -842,9 +845,12 @@ def dice(a, b, labels=None) -> dict:
     a, b = (np.asarray(v.cpu() if torch.is_tensor(v) else v).astype(np.int64) for v in (a, b))
     if a.shape != b.shape:
         raise ValueError(f"dice needs label maps of one shape, got {a.shape} and {b.shape}")
-    labels = PHANTOM_LABELS if labels is None else labels
-    return {name: float(2 * np.sum((a == k) & (b == k)) / d) if (d := np.sum(a == k) + np.sum(b == k)) else math.nan
-            for k, name in labels.items() if k != 0}
+    out = {}
+    for k, name in (PHANTOM_LABELS if labels is None else labels).items():
+        if k != 0:
+            size = np.sum(a == k) + np.sum(b == k)
+            out[name] = float(2 * np.sum((a == k) & (b == k)) / size) if size else math.nan
+    return out
 
 
 def regional_volumes(maps, voxel_mm=None, merge_lr=False, **segment_kw) -> dict:
