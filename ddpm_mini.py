@@ -843,6 +843,11 @@ def load_pretrained(prediction: str, device=None) -> "UNet":
 # 8. Data: NIfTI I/O, minimal preprocessing, phantoms, datasets
 # =============================================================================
 
+#: Allowed values of data_manifest.csv's kind column: weights (safetensors of a published
+#: model), volume (one NIfTI/NRRD image), template (an atlas image, e.g. MNI152), source (a
+#: dataset named for provenance, e.g. the paper's training sets: no url, not fetchable).
+MANIFEST_KINDS = ("weights", "volume", "template", "source")
+
 
 def load_nifti(path) -> tuple:
     """Read a NIfTI file: returns (array float32 (X, Y, Z), affine (4, 4) float64)."""
@@ -894,6 +899,408 @@ def from_model(x, dtype=np.uint16) -> np.ndarray:
     """
     x = x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, np.float32)
     return np.round((np.clip(x, -1, 1) + 1) / 2 * 65535).astype(dtype)
+
+# --- Minimal preprocessing: the paper's four steps, nothing more -----------------------------
+
+
+def _volume_affine(x, what: str) -> tuple:
+    """(array float32 (X, Y, Z), affine (4, 4) or None) from a path, nibabel image, array or tensor.
+
+    A trailing 4th axis of size 1 is squeezed; other 4-D input and NaN/inf raise a ValueError.
+    """
+    import nibabel as nib
+    if isinstance(x, (str, os.PathLike)):
+        x = nib.load(str(x))
+    if hasattr(x, "dataobj") and hasattr(x, "affine"):
+        arr, affine = np.asarray(x.dataobj, dtype=np.float32), np.asarray(x.affine, dtype=np.float64)
+    else:
+        arr = (x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(np.float32)
+        affine = None
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{what} must be 3-D (X, Y, Z), or 4-D with a last axis of size 1; got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} has NaN or infinite values; only finite intensities are allowed")
+    return arr, affine
+
+
+def _warp(volume, matrix, shape, mode="bilinear") -> torch.Tensor:
+    """Resample volume (..., X, Y, Z) onto a grid of `shape` (3 sizes): output voxel i takes the
+    input's value at voxel index p = M i + m, (M | m) = matrix[:3] ((4, 4) or (3, 4), indices).
+
+    mode "bilinear" (= trilinear in 3-D) or "nearest"; 0 outside the input. Leading axes share
+    the transform. Implemented with affine_grid/grid_sample (align_corners=True, where the
+    normalised coordinate is u = 2 p / (n - 1) - 1 and grid axes run (Z, Y, X)).
+    """
+    x = torch.as_tensor(volume, dtype=torch.float32)
+    lead = x.shape[:-3]
+    x = x.reshape(1, -1, *x.shape[-3:])                                       # (1, C, X, Y, Z)
+    m = torch.as_tensor(np.asarray(matrix, np.float64)[:3])
+    n_in = torch.tensor(x.shape[-3:], dtype=torch.float64)
+    half_out = (torch.tensor(shape, dtype=torch.float64) - 1).clamp_min(1) / 2
+    s_in = 2 / (n_in - 1).clamp_min(1)
+    a = s_in[:, None] * m[:, :3] * half_out                                   # u_in = a u_out + b
+    b = s_in * (m[:, :3] @ half_out + m[:, 3]) - 1
+    theta = torch.cat([a.flip(0, 1), b.flip(0)[:, None]], 1)[None].float()   # (1, 3, 4), (Z, Y, X) order
+    grid = F.affine_grid(theta, [1, x.shape[1], *shape], align_corners=True)
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return out.reshape(*lead, *shape)
+
+
+def _otsu(values, bins=256) -> float:
+    """Otsu's threshold: the cut maximising the between-class variance w0 w1 (mu0 - mu1)^2."""
+    hist, edges = np.histogram(values, bins)
+    mids = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * mids)
+    between = w0 * w1 * (s0 / np.maximum(w0, 1) - (s0[-1] - s0) / np.maximum(w1, 1)) ** 2
+    return float(edges[np.argmax(between[:-1]) + 1])
+
+
+def _centroid(mask) -> np.ndarray:
+    """Centre of mass (3,) in voxel indices of a boolean (X, Y, Z) mask."""
+    total = mask.sum()
+    return np.array([(np.arange(n) * mask.sum(tuple(a for a in range(3) if a != axis))).sum() / total
+                     for axis, n in enumerate(mask.shape)])
+
+
+def _head_mask(arr) -> np.ndarray:
+    """Foreground (head) of an image (X, Y, Z): smooth by two 3^3 box means, Otsu threshold."""
+    x = torch.as_tensor(arr, dtype=torch.float32)[None, None]
+    for _ in range(2):
+        x = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+    x = x[0, 0].numpy()
+    return x > _otsu(x)
+
+
+def preprocess(image_or_path, mask=None):
+    """The paper's minimal preprocessing of a T1w head: returns a nibabel Nifti1Image, uint16
+    (192, 224, 192), 1 mm, LPS. It never skull-strips, bias-corrects or registers.
+
+    image_or_path: NIfTI path or nibabel image (3-D, or 4-D with a last axis of size 1).
+    mask: optional brain mask on the image's voxel grid (path, image or array, nonzero =
+    brain): the crop is centred on its centre of mass.
+
+    Steps, and why:
+    1. Clip to the 0.1 and 99.9 percentiles of the input's voxels and map to [0, 1]: a few
+       extreme voxels (vessels, fat, artefacts) must not squeeze the tissue range.
+    2. Find the centre: the mask's centre of mass, else that of a head mask found from the
+       image (two 3^3 box smoothings, Otsu threshold: foreground = head; a long neck pulls
+       this a little inferior, a brain mask avoids that). The models expect the brain near
+       the grid centre.
+    3. Reorient to LPS, resample to 1 mm, crop/pad to IMAGE_SHAPE, in one trilinear
+       resampling done in world space: the output affine is A = [diag(-1, -1, 1) | t], with t
+       putting the centre at voxel (IMAGE_SHAPE - 1) / 2, then snapped to the input's voxel
+       lattice (within half an input voxel), so a 1 mm input that differs from LPS only by
+       axis flips/permutations is copied exactly, not blurred. Output voxel i samples the input
+       at voxel inv(A_in) A (i, 1); outside the input = 0. Axes permutations, flips and
+       oblique affines are all handled, and the output lines up with the input in a viewer.
+       A warning is given for voxels coarser than 1.2 mm (the paper's data were curated to
+       <= 1.2 mm; upsampling cannot restore the detail).
+    4. Scale to uint16: u = round(65535 x clipped), 0..65535.
+
+    Raises ValueError for 4-D data, NaN/inf, a constant image, a mask of another shape or an
+    empty mask.
+    """
+    return _preprocess(image_or_path, mask)[0]
+
+
+def _preprocess(image_or_path, mask=None) -> tuple:
+    """preprocess(), also returning where the centre landed (3,) in output voxel indices."""
+    import nibabel as nib
+    arr, affine = _volume_affine(image_or_path, "image")
+    if affine is None:
+        raise ValueError("preprocess needs the image's affine: pass a NIfTI path or a nibabel image, not an array")
+    lo, hi = (float(v) for v in np.percentile(arr, [0.1, 99.9]))
+    if hi <= lo:
+        lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        raise ValueError(f"image is constant (every voxel is {lo}): nothing to preprocess")
+    arr = np.clip((arr - lo) / (hi - lo), 0, 1)                                # step 1
+    if mask is not None:                                                       # step 2
+        m, _ = _volume_affine(mask, "mask")
+        if m.shape != arr.shape:
+            raise ValueError(f"mask shape {m.shape} differs from the image's {arr.shape}; "
+                             f"the mask must be on the image's voxel grid")
+        if not (m != 0).any():
+            raise ValueError("mask is empty (no nonzero voxel)")
+        centre = _centroid(m != 0)
+    else:
+        centre = _centroid(_head_mask(arr))
+    zooms = nib.affines.voxel_sizes(affine)
+    if zooms.max() > 1.2:
+        warnings.warn(f"voxel size {np.round(zooms, 3).tolist()} mm is coarser than 1.2 mm, the limit "
+                      f"the paper's data were curated to; resampling to 1 mm cannot restore detail", stacklevel=3)
+    centre_world = affine[:3, :3] @ centre + affine[:3, 3]
+    out = LPS_AFFINE.copy()                                                    # step 3
+    out[:3, 3] = centre_world - out[:3, :3] @ ((np.array(IMAGE_SHAPE) - 1) / 2)
+    inv = np.linalg.inv(affine)
+    out[:3, 3] = affine[:3, :3] @ np.round(inv[:3, :3] @ out[:3, 3] + inv[:3, 3]) + affine[:3, 3]
+    data = _warp(arr, inv @ out, IMAGE_SHAPE).numpy()
+    img = nib.Nifti1Image(np.round(data * 65535).astype(np.uint16), out)        # step 4
+    img.header.set_xyzt_units("mm")
+    landed = np.linalg.solve(out[:3, :3], centre_world - out[:3, 3])
+    return img, landed
+
+# --- Phantoms: synthetic T1-like heads with known labels -------------------------------------
+
+#: Label map of phantom(): number -> name. 0 is background and never counted as a structure.
+PHANTOM_LABELS = {0: "background", 1: "scalp", 2: "skull", 3: "csf", 4: "cortex", 5: "white_matter",
+                  6: "lateral_ventricles", 7: "left_thalamus", 8: "right_thalamus",
+                  9: "left_putamen", 10: "right_putamen"}
+
+#: Mean intensity of each label in the network's range [-1, 1], before bias field and noise.
+#: T1 contrast: fat-rich scalp bright; white matter > thalamus > putamen > cortex; CSF dark;
+#: skull (cortical bone, almost no signal) darkest tissue; background -1.
+PHANTOM_INTENSITIES = {0: -1.0, 1: 0.7, 2: -0.85, 3: -0.6, 4: 0.0, 5: 0.55,
+                       6: -0.6, 7: 0.3, 8: 0.3, 9: 0.2, 10: 0.2}
+
+#: phantom()'s random draws: name -> (numpy Generator method, a, b), i.e. normal(mean, sd),
+#: uniform(low, high), beta(a, b), lognormal(mean, sd of the log). rotation_deg and shift_mm
+#: are drawn once per axis. Lengths are those of a reference head, then x head_scale.
+PHANTOM_DISTRIBUTIONS = {
+    "head_scale": ("normal", 1.0, 0.05),        # multiplies every length
+    "atrophy": ("beta", 2.0, 5.0),              # 0..1: brain lengths x (1 - 0.12 a), ventricles x (1 + 0.6 a)
+    "ventricle_scale": ("lognormal", 0.0, 0.15),  # multiplies the ventricles' lengths
+    "cortex_mm": ("uniform", 9.0, 12.0),        # effective cortex thickness (an unfolded shell)
+    "fold_amplitude": ("uniform", 0.06, 0.12),  # gyral depth relative to the brain radius
+    "rotation_deg": ("uniform", -5.0, 5.0),     # pose: rotation about each axis
+    "shift_mm": ("uniform", -6.0, 6.0),         # pose: translation along each axis
+    "bias_amplitude": ("uniform", 0.0, 0.2),    # multiplicative field 1 + b g(x), |g| <= 1
+    "noise_sd": ("uniform", 0.01, 0.04),        # Gaussian noise sd, in [-1, 1] units
+}
+
+# Reference anatomy (mm, head frame: +x left, +y posterior, +z superior, origin at the head centre).
+_HEAD_SEMI = np.array([74.0, 90.0, 78.0])            # outer scalp ellipsoid
+_SCALP_MM, _SKULL_MM, _CSF_MM = 5.0, 6.0, 1.5        # layers inside it
+_VENTRICLE = ((7.0, 0.0, 14.0), (5.0, 24.0, 7.0))    # (centre of the left one, semi-axes)
+_THALAMUS = ((11.0, 8.0, 0.0), (8.0, 14.0, 9.0))
+_PUTAMEN = ((25.0, -4.0, 2.0), (5.0, 14.0, 10.0))
+
+
+def _rotation_matrix(degrees) -> np.ndarray:
+    """(3, 3) rotation R = Rz Ry Rx for angles (about axes 0, 1, 2) in degrees."""
+    (cx, cy, cz), (sx, sy, sz) = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _phantom_voxel_mm(shape, voxel_mm=None) -> np.ndarray:
+    """Per-axis voxel size: voxel_mm (scalar or 3) or, by default, 224 / max(shape) mm."""
+    return np.broadcast_to(np.asarray(224.0 / max(shape) if voxel_mm is None else voxel_mm, float), (3,))
+
+
+def phantom(seed, shape=(64, 64, 64), voxel_mm=None, **params) -> tuple:
+    """A synthetic T1-weighted head with its label map: returns (image, labels).
+
+    image: float32 numpy (D, H, W) in [-1, 1]; labels: uint8 (D, H, W), PHANTOM_LABELS numbers.
+    Axes as the model's: (D, H, W) = (L-R, P-A, I-S) in LPS orientation (index grows to the
+    left, posterior, superior). voxel_mm (scalar or per axis) defaults to 224 / max(shape),
+    so the grid's longest side spans 224 mm like IMAGE_SHAPE's: 3.5 mm at 64^3, 4 mm at
+    48x56x48 (exactly IMAGE_SHAPE's 192x224x192 mm field of view).
+
+    Anatomy (nested ellipsoids in a head frame, all lengths x head_scale): scalp 5 mm, skull
+    6 mm, CSF; a brain envelope folded by r <= 1 + a f(u), where u is the direction from the
+    centre and f = sum_k w_k sin(omega_k . u + phi_k) (8 terms, w_k ~ N(0, 1), |omega_k| ~
+    U(10, 20) rad, f divided by 1.5 std and clipped to [-1, 1]) makes gyri and sulci; white matter is the same folded surface
+    cortex_mm further in (a thick, unfolded-scale shell, so cortex and WM volumes come out
+    comparable as in real brains); lateral ventricles, thalami and putamina are ellipsoids
+    on each side inside the WM. Atrophy shrinks the brain (CSF fills the gap) and grows the
+    ventricles. Pose: x_head = R^T (x - t), R from rotation_deg, t = shift_mm, like an
+    unregistered scan. Intensity: PHANTOM_INTENSITIES per label, times a smooth bias field
+    1 + b g(x) on the signal (image + 1) / 2, with g a random quadratic polynomial of the
+    position scaled to max |g| = 1, plus Gaussian noise N(0, noise_sd^2), clipped to [-1, 1].
+
+    Every random draw comes from numpy's Generator seeded with seed, distributions in
+    PHANTOM_DISTRIBUTIONS. Keyword params fix any of those draws (e.g. atrophy=0.9,
+    rotation_deg=0), leaving all other draws unchanged: phantom(3, atrophy=0) and
+    phantom(3, atrophy=1) differ only by atrophy.
+    """
+    unknown = sorted(set(params) - set(PHANTOM_DISTRIBUTIONS))
+    if unknown:
+        raise ValueError(f"phantom: unknown parameter(s) {unknown}; allowed: {', '.join(PHANTOM_DISTRIBUTIONS)}")
+    if len(shape) != 3 or min(shape) < 2:
+        raise ValueError(f"phantom: shape must be 3 sizes >= 2, got {shape}")
+    rng = np.random.default_rng(seed)
+    p = {k: getattr(rng, fn)(a, b, 3 if k in ("rotation_deg", "shift_mm") else None)
+         for k, (fn, a, b) in PHANTOM_DISTRIBUTIONS.items()}
+    omega = rng.normal(size=(8, 3))
+    omega *= rng.uniform(10.0, 20.0, (8, 1)) / np.linalg.norm(omega, axis=1, keepdims=True)
+    fold_phase, fold_w, bias_c = rng.uniform(0, 2 * np.pi, 8), rng.normal(size=8), rng.normal(size=9)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    p.update({k: np.broadcast_to(np.asarray(v, float), np.shape(p[k])) for k, v in params.items()})
+
+    # world position of each voxel (mm, grid centre = 0), then the head frame
+    f32 = lambda v: np.asarray(v, np.float32).reshape(-1, 1, 1, 1)            # noqa: E731 (3,) -> (3, 1, 1, 1)
+    vox = _phantom_voxel_mm(shape, voxel_mm)
+    x = np.stack(np.meshgrid(*[((np.arange(n) - (n - 1) / 2) * v).astype(np.float32)
+                               for n, v in zip(shape, vox)], indexing="ij"))  # (3, D, H, W) mm
+    rot = _rotation_matrix(p["rotation_deg"]) / p["head_scale"]
+    h = np.einsum("ji,j...->i...", rot.astype(np.float32), x - f32(p["shift_mm"]))  # R^T (x - t) / scale
+
+    def rho2(centre, semi):  # squared ellipsoidal radius: <= 1 inside
+        return (((h - f32(centre)) / f32(semi)) ** 2).sum(0)
+
+    a = p["atrophy"]
+    brain = (_HEAD_SEMI - _SCALP_MM - _SKULL_MM - _CSF_MM) / (1 + p["fold_amplitude"]) * (1 - 0.12 * a)
+    u = h / np.sqrt((h ** 2).sum(0)).clip(1e-6)                              # direction from centre
+    f = sum(w * np.sin(np.einsum("i,i...->...", om.astype(np.float32), u) + ph)
+            for w, om, ph in zip(fold_w.astype(np.float32), omega, fold_phase.astype(np.float32)))
+    fold = (1 + np.float32(p["fold_amplitude"]) * np.clip(f / (1.5 * f.std()), -1, 1)) ** 2
+    labels = np.zeros(shape, np.uint8)
+    for k, inside in ((1, rho2(0, _HEAD_SEMI) <= 1),
+                      (2, rho2(0, _HEAD_SEMI - _SCALP_MM) <= 1),
+                      (3, rho2(0, _HEAD_SEMI - _SCALP_MM - _SKULL_MM) <= 1),
+                      (4, rho2(0, brain) <= fold),
+                      (5, rho2(0, brain - p["cortex_mm"]) <= fold)):
+        labels[inside] = k
+    vent_semi = np.array(_VENTRICLE[1]) * p["ventricle_scale"] * (1 + 0.6 * a)
+    mirror = np.array([-1.0, 1.0, 1.0])                                      # left (+x) -> right
+    for k, (centre, semi) in ((6, (_VENTRICLE[0], vent_semi)), (7, _THALAMUS), (9, _PUTAMEN)):
+        labels[rho2(centre, semi) <= 1] = k
+        labels[rho2(np.multiply(centre, mirror), semi) <= 1] = k if k == 6 else k + 1
+
+    # intensities, bias field on the signal (image + 1) / 2, noise
+    means = np.array([PHANTOM_INTENSITIES[k] for k in range(len(PHANTOM_LABELS))], np.float32)
+    g = x / (np.abs(x).reshape(3, -1).max(1).reshape(3, 1, 1, 1) + 1e-6)   # (3, D, H, W) in [-1, 1]
+    terms = np.concatenate([g, g ** 2, g[[0, 0, 1]] * g[[1, 2, 2]]])         # (9, D, H, W)
+    g = np.einsum("k,k...->...", (bias_c / np.abs(bias_c).sum()).astype(np.float32), terms)  # |g| <= 1
+    signal = (means[labels] + 1) / 2 * (1 + np.float32(p["bias_amplitude"]) * g)
+    image = np.clip(2 * signal - 1 + np.float32(p["noise_sd"]) * noise, -1, 1).astype(np.float32)
+    return image, labels
+
+
+def phantom_volumes(labels, voxel_mm=None) -> dict:
+    """Volume of each phantom structure in mm^3: {name: count x voxel volume}, background excluded.
+
+    labels: integer array (D, H, W) with PHANTOM_LABELS numbers; voxel_mm as in phantom()
+    (None: the phantom default for this shape, 224 / max(shape)).
+    """
+    labels = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    counts = np.bincount(labels.astype(np.int64).ravel(), minlength=len(PHANTOM_LABELS))
+    voxel = float(np.prod(_phantom_voxel_mm(labels.shape, voxel_mm)))
+    return {name: float(counts[k]) * voxel for k, name in PHANTOM_LABELS.items() if k}
+
+# --- Datasets and augmentation -----------------------------------------------------------------
+
+
+def augment(volume, generator=None, *, flip=None, degrees=3.0, shift=2.0, scale=0.03) -> torch.Tensor:
+    """The paper's augmentation: random left-right flip, then a small random affine.
+
+    volume: tensor (..., D, H, W) in [-1, 1], axis -3 = L-R; one transform for all leading
+    axes. flip: None flips axis -3 with p = 0.5, True/False forces it. Then output voxel i
+    samples the input (trilinear) at p = c + s R (i - c) + t, c the grid centre, R a rotation
+    by angles ~ U(-degrees, degrees) about each axis, s ~ U(1 - scale, 1 + scale), t ~
+    U(-shift, shift) voxels per axis (voxels assumed isotropic). Outside the input is -1
+    (background); the result is clipped to [-1, 1]. Draws come from `generator` (a
+    torch.Generator; None = torch's global one) in a fixed order, so a seeded generator
+    gives the same result. These ranges are this kit's choice of "small".
+    """
+    x = torch.as_tensor(volume, dtype=torch.float32)
+    u = torch.rand(8, generator=generator, dtype=torch.float64).numpy()
+    if (u[0] < 0.5) if flip is None else flip:
+        x = x.flip(-3)
+    if degrees == shift == scale == 0:
+        return x.clamp(-1, 1)
+    c = (np.array(x.shape[-3:]) - 1) / 2
+    a = (1 + scale * (2 * u[1] - 1)) * _rotation_matrix(degrees * (2 * u[2:5] - 1))
+    matrix = np.concatenate([a, (c - a @ c + shift * (2 * u[5:8] - 1))[:, None]], 1)
+    return (_warp(x + 1, matrix, x.shape[-3:]) - 1).clamp(-1, 1)
+
+
+def _item_seed(*keys) -> int:
+    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """NIfTI volumes as (1, D, H, W) float32 tensors in [-1, 1], for training.
+
+    files_or_folder: a folder (all *.nii and *.nii.gz in it, sorted) or a list of files. Each
+    volume is reoriented to LPS by axis permutation/flips only (exact; the files should already
+    be preprocess()-ed: 1 mm, 192 x 224 x 192), then optionally resized to a teaching size:
+    voxel_mm (e.g. 4: 192 x 224 x 192 at 1 mm -> 48 x 56 x 48, size = round(shape x zoom /
+    voxel_mm)) or size=(D, H, W); area averaging when shrinking, trilinear when growing.
+    Intensities: to_model (min-max to [-1, 1]). augment=True applies augment() with a
+    generator seeded from (seed, index, how many times this index was read), so every epoch
+    differs yet the sequence is reproducible for a given seed.
+    """
+
+    def __init__(self, files_or_folder, size=None, voxel_mm=None, augment=False, seed=0):
+        if size is not None and voxel_mm is not None:
+            raise ValueError("VolumeDataset: give size or voxel_mm, not both")
+        if isinstance(files_or_folder, (str, os.PathLike)) and pathlib.Path(files_or_folder).is_dir():
+            files = sorted(p for p in pathlib.Path(files_or_folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        elif isinstance(files_or_folder, (str, os.PathLike)):
+            files = [pathlib.Path(files_or_folder)]
+        else:
+            files = [pathlib.Path(f) for f in files_or_folder]
+        if not files:
+            raise ValueError(f"VolumeDataset: no NIfTI files (*.nii, *.nii.gz) in {files_or_folder}")
+        self.files, self.size, self.voxel_mm = files, size, voxel_mm
+        self.augment, self.seed, self._reads = augment, seed, {}
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        import nibabel as nib
+        from nibabel import orientations as ornt
+        arr, affine = _volume_affine(self.files[i], str(self.files[i]))
+        to_lps = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("LPS"))
+        arr = np.ascontiguousarray(ornt.apply_orientation(arr, to_lps))
+        x = torch.from_numpy(arr)[None, None]
+        size = self.size
+        if self.voxel_mm is not None:
+            zooms = nib.affines.voxel_sizes(affine @ ornt.inv_ornt_aff(to_lps, arr.shape))
+            size = tuple(max(1, round(n * z / self.voxel_mm)) for n, z in zip(arr.shape, zooms))
+        if size is not None and tuple(size) != arr.shape:
+            shrink = all(s <= n for s, n in zip(size, arr.shape))
+            x = F.interpolate(x, size=tuple(size), mode="area" if shrink else "trilinear",
+                              **({} if shrink else {"align_corners": False}))
+        x = to_model(x[0])                                                    # (1, D, H, W)
+        if self.augment:
+            count = self._reads[i] = self._reads.get(i, -1) + 1
+            x = augment(x, torch.Generator().manual_seed(_item_seed(self.seed, i, count)))
+        return x
+
+
+class PhantomDataset(torch.utils.data.IterableDataset):
+    """Phantom heads as (1, D, H, W) float32 tensors in [-1, 1]: item i = phantom(seed + i).
+
+    n items, or endless when n is None (iterate it; len() then raises TypeError). Indexing
+    works too (ds[i]). augment=True applies augment() with a generator seeded from
+    (seed, i), so item i is always the same. An IterableDataset: DataLoader(ds, batch_size=B)
+    works (items are already random, so no shuffle); with several workers each takes every
+    num_workers-th index.
+    """
+
+    def __init__(self, n=None, shape=(64, 64, 64), seed=0, augment=False):
+        self.n, self.shape, self.seed, self.augment = n, tuple(shape), seed, augment
+
+    def __len__(self):
+        if self.n is None:
+            raise TypeError("this PhantomDataset is endless (n=None): it has no length")
+        return self.n
+
+    def __getitem__(self, i) -> torch.Tensor:
+        if i < 0 or (self.n is not None and i >= self.n):
+            raise IndexError(f"PhantomDataset index {i} out of range 0..{self.n}")
+        x = torch.from_numpy(phantom(self.seed + i, self.shape)[0])[None]
+        if self.augment:
+            x = augment(x, torch.Generator().manual_seed(_item_seed(self.seed, i)))
+        return x
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        i, step = (0, 1) if info is None else (info.id, info.num_workers)
+        while self.n is None or i < self.n:
+            yield self[i]
+            i += step
 
 # =============================================================================
 # 9. Training
@@ -1051,6 +1458,37 @@ def _sample_parser(sub):
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help="CUDA precision (default float16 autocast; CPU always float32)")
+
+
+def _preprocess_parser(subparsers):
+    """Add `preprocess IN OUT [--mask M]` to an argparse subparsers object; returns the parser."""
+    p = subparsers.add_parser(
+        "preprocess", help="minimal preprocessing of a T1w NIfTI: LPS, 1 mm, 192x224x192, uint16",
+        description="The paper's minimal preprocessing (see ddpm_mini.preprocess): clip to the 0.1/99.9 "
+                    "percentiles, reorient to LPS, resample to 1 mm, crop/pad to 192x224x192 around the head "
+                    "(or the mask's) centre, scale to uint16. No skull stripping, no bias correction.")
+    p.add_argument("input", metavar="IN", help="input NIfTI (.nii or .nii.gz), 3-D")
+    p.add_argument("output", metavar="OUT", help="output NIfTI path (written atomically)")
+    p.add_argument("--mask", metavar="M", default=None,
+                   help="optional brain mask on IN's voxel grid: centre the crop on its centre of mass")
+    p.set_defaults(func=_cmd_preprocess)
+    return p
+
+
+def _cmd_preprocess(args) -> int:
+    """Run preprocess(args.input, args.mask), write args.output; 0 on success, 1 on bad input."""
+    import nibabel as nib
+    try:
+        img, landed = _preprocess(args.input, getattr(args, "mask", None))
+    except (ValueError, OSError, nib.filebasedimages.ImageFileError) as err:  # bad or unreadable input
+        print(f"preprocess: error: {err}", file=sys.stderr)
+        return 1
+    _atomic_write(pathlib.Path(args.output), lambda tmp: nib.save(img, str(tmp)))
+    grid_centre = (np.array(IMAGE_SHAPE) - 1) / 2
+    print(f"wrote {args.output}: shape {img.shape}, 1 mm, axes {''.join(nib.aff2axcodes(img.affine))}, uint16")
+    print(f"{'mask' if getattr(args, 'mask', None) else 'head'} centre at voxel "
+          f"({', '.join(f'{v:.1f}' for v in landed)}); grid centre ({', '.join(f'{v:.1f}' for v in grid_centre)})")
+    return 0
 
 
 def _build_parser():

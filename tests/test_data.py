@@ -1,0 +1,367 @@
+"""Section 8 (data): manifest, NIfTI I/O, preprocessing, phantoms, datasets, CLI."""
+import argparse
+import csv
+import pathlib
+import re
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import ddpm_mini as dm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data-sources"
+HASH = re.compile(r"^(md5:[0-9a-f]{32}|sha256:[0-9a-f]{64})$")
+GRID_CENTRE = (np.array(dm.IMAGE_SHAPE) - 1) / 2
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+def _manifest_rows():
+    with open(ROOT / "data_manifest.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == dm.MANIFEST_COLUMNS
+        return list(reader)
+
+
+def test_manifest_validates():
+    rows = _manifest_rows()
+    names = [r["name"] for r in rows]
+    assert len(set(names)) == len(names)
+    assert set(dm.read_manifest(ROOT / "data_manifest.csv")) == set(names)
+    for r in rows:
+        assert r["kind"] in dm.MANIFEST_KINDS, r["name"]
+        assert r["hash"] == "" or HASH.match(r["hash"]), r["name"]
+        assert r["verified"] == ("true" if r["hash"] else "false"), r["name"]
+        assert r["size"] == "" or r["size"].isdigit(), r["name"]
+        assert r["description"] and r["group"], r["name"]
+        if r["kind"] == "source":
+            assert r["url"] == r["hash"] == "" and r["group"] == "medforj_training", r["name"]
+        else:
+            assert r["url"].startswith("https://") and r["license"], r["name"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["group"], r["kind"]), []).append(r["name"])
+    assert len(groups[("ds000001", "volume")]) == 16
+    assert len(groups[("ds000228_adults", "volume")]) == 33
+    assert len(groups[("medforj_training", "source")]) == 38
+    assert sorted(groups[("medforj", "weights")]) == sorted(f"medforj_{p}" for p in dm.PREDICTIONS + ("rflow",))
+    assert "not supported" in next(r for r in rows if r["name"] == "medforj_rflow")["description"].lower()
+    assert all(r["hash"] == "" and r["verified"] == "false" for r in rows if r["group"] == "medforj")
+    # the paper's totals: 38 datasets, 42,506 subjects, 80,675 volumes; requirements spelled out
+    counts = [re.search(r"([\d,]+) subjects, ([\d,]+) T1w volumes", r["description"]).groups()
+              for r in rows if r["kind"] == "source"]
+    assert [sum(int(c[i].replace(",", "")) for c in counts) for i in (0, 1)] == [42506, 80675]
+    adni = next(r for r in rows if r["name"] == "train_adni")
+    assert "acknowledgement, byline, notice" in adni["description"] and adni["license"].startswith("DUA")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data-sources (the published facts) is not beside the repo")
+def test_manifest_hashes_are_the_published_ones():
+    published = {}  # url -> (hash, size) as the facts files give them
+    for path in SHARED.glob("*.csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                published[r["url"]] = (r["hash"], r["size"])
+    text = "".join(p.read_text(encoding="utf-8") for p in SHARED.iterdir() if p.is_file())
+    for r in _manifest_rows():
+        if r["hash"]:
+            assert r["hash"] in text, r["name"]
+            assert published[r["url"]][0] == r["hash"], r["name"]  # the hash published for this url
+            assert published[r["url"]][1] == r["size"], r["name"]
+
+
+# --- NIfTI I/O --------------------------------------------------------------------------------
+
+def test_nifti_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.normal(3.0, 2.0, (12, 14, 10)).astype(np.float32)
+    lia = np.array([[-1.2, 0, 0, 40], [0, 0, 1.2, -30], [0, -1.2, 0, 20], [0, 0, 0, 1]])
+    path = dm.save_nifti(torch.from_numpy(vol)[None, None], tmp_path / "v.nii.gz", affine=lia)
+    img = nib.load(str(path))
+    assert img.get_data_dtype() == np.uint16 and img.shape == vol.shape
+    assert nib.aff2axcodes(img.affine) == ("L", "I", "A")
+    np.testing.assert_allclose(img.affine, lia)
+    data, affine = dm.load_nifti(path)
+    assert data.dtype == np.float32 and data.min() == 0 and data.max() == 65535
+    np.testing.assert_allclose(affine, lia)
+    lo, hi = vol.min(), vol.max()  # min-max scaling: x = lo + u / 65535 (hi - lo)
+    quantum = (hi - lo) / 65535
+    assert np.abs(lo + data * quantum - vol).max() <= quantum / 2 + 1e-5
+    # to_model/from_model give the same quantisation as the file
+    x = dm.to_model(vol)
+    assert x.min() == -1 and x.max() == 1
+    assert np.abs(dm.from_model(x).astype(np.int64) - data).max() <= 1
+    assert dm.from_model(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0])).tolist() == [0, 0, 32768, 65535, 65535]
+    default = nib.load(str(dm.save_nifti(np.ones((4, 4, 4)), tmp_path / "c.nii")))
+    assert nib.aff2axcodes(default.affine) == ("L", "P", "S") and not np.asarray(default.dataobj).any()
+
+
+# --- preprocess -------------------------------------------------------------------------------
+
+_STEP = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
+_HEAD_C, _HEAD_SEMI = np.array([3.0, -8.0, 10.0]), np.array([68.0, 88.0, 75.0])  # world (RAS) mm
+
+
+def synthetic_head(codes="RAS", zooms=(1.0, 1.0, 1.0), landmark=(25.0, -30.0, 30.0)):
+    """A noisy ellipsoid head (brighter core) in a 150 x 190 x 166 mm box around world 0, stored
+    with axis codes `codes` and voxel sizes `zooms`, plus a 24 mm cube of 1000 at `landmark`
+    (world mm; > 0.1 % of the voxels, so it alone reaches the 99.9 percentile).
+    Returns (nibabel image, world centre (3,) of the cube's voxels)."""
+    rot = np.stack([_STEP[c] for c in codes], 1) * np.asarray(zooms, float)   # voxel step -> mm
+    extent = np.array([150.0, 190.0, 166.0])[np.abs(rot).argmax(0)]
+    shape = tuple(int(np.ceil(e / z)) for e, z in zip(extent, zooms))
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = rot, -rot @ ((np.array(shape) - 1) / 2)
+    world = np.tensordot(rot, np.indices(shape, dtype=np.float32), 1) + affine[:3, 3, None, None, None]
+    r2 = (((world - _HEAD_C[:, None, None, None]) / _HEAD_SEMI[:, None, None, None]) ** 2).sum(0)
+    data = 100.0 * (r2 <= 1) + 60.0 * (r2 <= 0.6) + np.random.default_rng(0).normal(0, 4, shape)
+    cube = (np.abs(world - np.array(landmark)[:, None, None, None]) <= 12).all(0)
+    data[cube] = 1000.0
+    return nib.Nifti1Image(data.astype(np.float32), affine), world[:, cube].mean(1)
+
+
+def _world(affine, ijk):
+    return affine[:3, :3] @ np.asarray(ijk, float) + affine[:3, 3]
+
+
+@pytest.mark.parametrize("codes, zooms", [("RAS", (1, 1, 1)), ("LIA", (1, 1, 1)), ("PSR", (1, 1, 1)),
+                                          ("LPS", (0.8, 0.8, 0.8)), ("ASL", (1.0, 1.5, 1.2))])
+def test_preprocess_orientations_and_voxel_sizes(codes, zooms):
+    img, landmark = synthetic_head(codes, zooms)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dm.preprocess(img)
+    assert len([w for w in caught if "1.2 mm" in str(w.message)]) == (max(zooms) > 1.2)
+    data = np.asarray(out.dataobj)
+    assert data.shape == dm.IMAGE_SHAPE and data.dtype == np.uint16
+    assert data.min() == 0 and data.max() == 65535
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(out.affine[:3, :3], np.diag([-1.0, -1.0, 1.0]))
+    np.testing.assert_allclose(out.header.get_zooms(), (1, 1, 1))
+    # the landmark lands at the voxel the output affine says (world-space consistency)
+    found = np.argwhere(data > 40000).mean(0)
+    assert np.abs(_world(out.affine, found) - landmark).max() < 0.5
+    # the head (foreground) is centred on the grid, and its centre is where the input's was
+    head = np.argwhere(data > 3000).mean(0)
+    assert np.abs(head - GRID_CENTRE).max() < 2
+    assert np.abs(_world(out.affine, head) - _HEAD_C).max() < 2
+    if zooms == (1, 1, 1):  # a 1 mm input is copied voxel for voxel, not interpolated
+        src = np.asarray(img.dataobj)
+        m = np.linalg.inv(img.affine) @ out.affine
+        np.testing.assert_allclose(m[:3, :3], np.round(m[:3, :3]), atol=1e-9)
+        np.testing.assert_allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-6)
+        lo, hi = np.percentile(src, [0.1, 99.9])
+        ijk = np.random.default_rng(1).integers(0, dm.IMAGE_SHAPE, (500, 3))
+        pqr = np.round(ijk @ m[:3, :3].T + m[:3, 3]).astype(int)
+        inside = ((pqr >= 0) & (pqr < src.shape)).all(1)
+        assert inside.sum() > 200
+        expect = np.round(np.clip((src[tuple(pqr[inside].T)] - lo) / (hi - lo), 0, 1) * 65535)
+        assert np.abs(data[tuple(ijk[inside].T)] - expect).max() <= 1
+
+
+def test_warp_index_convention():
+    vol = torch.from_numpy(np.random.default_rng(2).normal(size=(5, 6, 7)).astype(np.float32))
+    # output voxel (i, j, k) reads input voxel (k - 1, 5 - j, i): a permutation, a flip, a shift
+    m = np.array([[0, 0, 1, -1], [0, -1, 0, 5], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    for mode in ("bilinear", "nearest"):
+        out = dm._warp(vol[None], m, (7, 6, 8), mode=mode)[0]
+        for i, j, k in np.ndindex(7, 6, 8):
+            p, q, r = k - 1, 5 - j, i
+            want = vol[p, q, r] if 0 <= p < 5 and 0 <= r < 7 else 0.0
+            assert abs(out[i, j, k] - want) < 1e-5, (mode, i, j, k)
+    half = np.eye(4)
+    half[0, 3] = 0.5  # half a voxel along axis 0: trilinear gives the mean of the two neighbours
+    out = dm._warp(vol, half, (4, 6, 7))
+    torch.testing.assert_close(out, (vol[:-1] + vol[1:]) / 2, atol=1e-5, rtol=0)
+
+
+def test_preprocess_mask_centres_the_crop_and_accepts_paths(tmp_path):
+    img, _ = synthetic_head("LIA")
+    world = np.tensordot(img.affine[:3, :3], np.indices(img.shape, dtype=np.float32), 1) \
+        + img.affine[:3, 3, None, None, None]
+    centre = np.array([-20.0, 10.0, 25.0])
+    mask = (((world - centre[:, None, None, None]) / 30.0) ** 2).sum(0) <= 1
+    nib.save(img, str(tmp_path / "head.nii.gz"))
+    out = dm.preprocess(tmp_path / "head.nii.gz", mask=mask.astype(np.uint8))
+    landed = np.linalg.solve(out.affine[:3, :3], centre - out.affine[:3, 3])
+    assert np.abs(landed - GRID_CENTRE).max() <= 0.75  # within the snap to the input lattice
+
+
+def test_preprocess_rejects_bad_input():
+    img, _ = synthetic_head("RAS", (4, 4, 4))
+    data, affine = np.asarray(img.dataobj), img.affine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = dm.preprocess(nib.Nifti1Image(data[..., None], affine))  # trailing singleton: fine
+    assert out.shape == dm.IMAGE_SHAPE
+    with pytest.raises(ValueError, match="3-D"):
+        dm.preprocess(nib.Nifti1Image(np.stack([data, data], -1), affine))
+    with pytest.raises(ValueError, match="constant"):
+        dm.preprocess(nib.Nifti1Image(np.full((20, 20, 20), 7.0, np.float32), np.eye(4)))
+    bad = data.copy()
+    bad[3, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        dm.preprocess(nib.Nifti1Image(bad, affine))
+    with pytest.raises(ValueError, match="mask shape"):
+        dm.preprocess(img, mask=np.ones((5, 5, 5)))
+    with pytest.raises(ValueError, match="empty"):
+        dm.preprocess(img, mask=np.zeros(data.shape))
+    with pytest.raises(ValueError, match="affine"):
+        dm.preprocess(data)
+
+
+# --- phantoms ---------------------------------------------------------------------------------
+def test_phantom_is_deterministic_per_seed_and_varies_across_seeds():
+    a_img, a_lab = dm.phantom(7)
+    b_img, b_lab = dm.phantom(7)
+    assert a_img.shape == a_lab.shape == (64, 64, 64)
+    assert a_img.dtype == np.float32 and a_lab.dtype == np.uint8
+    np.testing.assert_array_equal(a_img, b_img)
+    np.testing.assert_array_equal(a_lab, b_lab)
+    vols = [dm.phantom_volumes(dm.phantom(s)[1]) for s in range(4)]
+    for name in ("white_matter", "cortex", "csf", "lateral_ventricles"):
+        values = [v[name] for v in vols]
+        assert len(set(values)) == 4, (name, values)  # every seed a different anatomy
+
+
+def test_phantom_labels_volumes_and_contrast():
+    img, lab = dm.phantom(0)
+    assert set(np.unique(lab)) == set(dm.PHANTOM_LABELS)  # every structure present
+    assert img.min() >= -1 and img.max() <= 1
+    vox = 224 / 64
+    vols = dm.phantom_volumes(lab)
+    assert set(vols) == {n for k, n in dm.PHANTOM_LABELS.items() if k}
+    for k, name in dm.PHANTOM_LABELS.items():
+        if k:
+            assert vols[name] == pytest.approx((lab == k).sum() * vox ** 3)
+    assert dm.phantom_volumes(lab, voxel_mm=1.0)["cortex"] == (lab == 4).sum()
+    # plausible relative sizes: WM and cortex the largest brain structures, deep gray small
+    brain = ("cortex", "white_matter", "lateral_ventricles", "left_thalamus", "right_thalamus",
+             "left_putamen", "right_putamen")
+    assert sorted(brain, key=vols.get)[-2:] in (["cortex", "white_matter"], ["white_matter", "cortex"])
+    for name in brain[3:]:
+        assert 1_000 < vols[name] < 15_000 and vols[name] / vox ** 3 >= 20, (name, vols[name])
+    assert 300_000 < vols["cortex"] + vols["white_matter"] < 1_600_000
+    # T1 contrast of the tissue means (noise and bias included)
+    mean = {n: img[lab == k].mean() for k, n in dm.PHANTOM_LABELS.items()}
+    assert mean["white_matter"] > mean["left_thalamus"] > mean["left_putamen"] > mean["cortex"] > mean["csf"]
+    assert mean["csf"] > mean["skull"] and mean["scalp"] > mean["cortex"] and mean["background"] < -0.95
+    for k, n in dm.PHANTOM_LABELS.items():
+        assert abs(mean[n] - dm.PHANTOM_INTENSITIES[k]) < 0.1, n
+
+
+def test_phantom_sides_atrophy_and_pose():
+    _, lab = dm.phantom(1, rotation_deg=0, shift_mm=0)
+    left, right = np.argwhere(lab == 7).mean(0), np.argwhere(lab == 8).mean(0)
+    assert left[0] > 31.5 > right[0]  # LPS: index along axis 0 grows to the left
+    assert abs(left[0] - 31.5 - (31.5 - right[0])) < 0.5  # mirror images without pose
+    young = dm.phantom_volumes(dm.phantom(2, atrophy=0.0)[1])
+    old = dm.phantom_volumes(dm.phantom(2, atrophy=1.0)[1])
+    assert old["lateral_ventricles"] > 2 * young["lateral_ventricles"]
+    assert old["csf"] > young["csf"] and old["white_matter"] < young["white_matter"]
+    assert old["skull"] == young["skull"]  # only atrophy changed
+    with pytest.raises(ValueError, match="allowed"):
+        dm.phantom(0, atrophy_level=1)
+
+
+def test_phantom_other_grid_and_voxel_size():
+    img, lab = dm.phantom(3, shape=(48, 56, 48))
+    assert img.shape == (48, 56, 48)
+    coarse = dm.phantom_volumes(lab)  # default 224 / 56 = 4 mm
+    fine = dm.phantom_volumes(dm.phantom(3, shape=(96, 112, 96))[1])  # 2 mm
+    for name in ("white_matter", "cortex", "skull"):
+        assert coarse[name] == pytest.approx(fine[name], rel=0.1), name
+
+
+# --- datasets and augmentation ----------------------------------------------------------------
+
+def test_augment_shape_range_flip_and_determinism():
+    x = torch.from_numpy(dm.phantom(0, shape=(32, 40, 32))[0])[None]            # (1, D, H, W)
+    assert torch.equal(dm.augment(x, flip=True, degrees=0, shift=0, scale=0), x.flip(-3))
+    assert torch.equal(dm.augment(x, flip=False, degrees=0, shift=0, scale=0), x)
+    flips = [torch.equal(dm.augment(x, torch.Generator().manual_seed(s), degrees=0, shift=0, scale=0),
+                         x.flip(-3)) for s in range(40)]
+    assert 8 < sum(flips) < 32
+    y = dm.augment(x, torch.Generator().manual_seed(5))
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= -1 and y.max() <= 1
+    assert torch.equal(y, dm.augment(x, torch.Generator().manual_seed(5)))
+    assert not torch.equal(y, dm.augment(x, torch.Generator().manual_seed(6)))
+    assert 0 < (y - x).abs().mean() < 0.3 and abs(y.mean() - x.mean()) < 0.05  # small, not scrambled
+    batch = dm.augment(torch.stack([x, x]), torch.Generator().manual_seed(5))   # leading axes share it
+    assert torch.equal(batch[0], batch[1]) and torch.allclose(batch[0], y, atol=1e-6)
+
+
+def test_volume_dataset(tmp_path):
+    folder = tmp_path / "vols"
+    lps = np.diag([-2.0, -2.0, 2.0, 1.0])
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    vol = dm.phantom(0, shape=(96, 112, 96))[0]                                 # 2 mm voxels
+    dm.save_nifti(vol, folder / "a.nii.gz", affine=lps)
+    dm.save_nifti(vol[::-1, ::-1].copy(), folder / "b.nii", affine=ras)         # same head, RAS
+    (folder / "notes.txt").write_text("not an image")
+    ds = dm.VolumeDataset(folder, voxel_mm=4)
+    assert len(ds) == 2 and [f.name for f in ds.files] == ["a.nii.gz", "b.nii"]
+    a, b = ds[0], ds[1]
+    assert a.shape == (1, 48, 56, 48) and a.dtype == torch.float32
+    assert a.min() == -1 and a.max() == 1
+    assert torch.equal(a, b)                                                    # reoriented to LPS
+    ref = dm.to_model(torch.nn.functional.avg_pool3d(torch.from_numpy(vol)[None, None], 2)[0])
+    assert (a - ref).abs().max() < 2 / 65535 * 2 + 1e-5                           # area pooling
+    assert dm.VolumeDataset([folder / "b.nii"], size=(32, 40, 24))[0].shape == (1, 32, 40, 24)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch.shape == (2, 1, 48, 56, 48)
+    aug1, aug2 = (dm.VolumeDataset(folder, voxel_mm=4, augment=True, seed=3) for _ in range(2))
+    first = aug1[0]
+    assert torch.equal(first, aug2[0])                                          # same seed, same draws
+    assert not torch.equal(first, aug1[0])                                      # the next epoch differs
+    assert first.min() >= -1 and first.max() <= 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no NIfTI"):
+        dm.VolumeDataset(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not both"):
+        dm.VolumeDataset(folder, size=(8, 8, 8), voxel_mm=4)
+
+
+def test_phantom_dataset():
+    ds = dm.PhantomDataset(n=3, shape=(32, 32, 32), seed=10)
+    assert len(ds) == 3
+    np.testing.assert_array_equal(ds[2][0].numpy(), dm.phantom(12, shape=(32, 32, 32))[0])
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=2))
+    assert [tuple(b.shape) for b in batches] == [(2, 1, 32, 32, 32), (1, 1, 32, 32, 32)]
+    assert torch.equal(batches[1][0], ds[2])
+    with pytest.raises(IndexError):
+        ds[3]
+    endless = dm.PhantomDataset(shape=(32, 32, 32), augment=True)
+    with pytest.raises(TypeError):
+        len(endless)
+    items = iter(torch.utils.data.DataLoader(endless, batch_size=2))
+    b0, b1 = next(items), next(items)
+    assert b1.shape == (2, 1, 32, 32, 32) and b1.dtype == torch.float32
+    assert b0.min() >= -1 and b1.max() <= 1 and not torch.equal(b0, b1)
+    assert torch.equal(b1[1], dm.PhantomDataset(shape=(32, 32, 32), augment=True)[3])  # deterministic
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def test_cli_preprocess(tmp_path, capsys):
+    img, landmark = synthetic_head("LIA", (1.0, 1.0, 1.0))
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    parser = argparse.ArgumentParser(prog="ddpm_mini")
+    dm._preprocess_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["preprocess", str(tmp_path / "in.nii.gz"), str(tmp_path / "out" / "o.nii.gz")])
+    assert dm._cmd_preprocess(args) == 0
+    printed = capsys.readouterr().out
+    assert "(192, 224, 192)" in printed and "centre at voxel (95.5, 111.5, 95.5)" in printed
+    out = nib.load(str(tmp_path / "out" / "o.nii.gz"))
+    assert out.shape == dm.IMAGE_SHAPE and out.get_data_dtype() == np.uint16
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["o.nii.gz"]   # no temporary left
+    args = parser.parse_args(["preprocess", str(tmp_path / "in.nii.gz"), str(tmp_path / "bad.nii.gz"),
+                              "--mask", str(tmp_path / "missing.nii.gz")])
+    assert dm._cmd_preprocess(args) == 1
+    assert "error" in capsys.readouterr().err and not (tmp_path / "bad.nii.gz").exists()
