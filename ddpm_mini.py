@@ -1104,16 +1104,18 @@ def phantom(seed, shape=(64, 64, 64), voxel_mm=None, **params) -> tuple:
     48x56x48 (exactly IMAGE_SHAPE's 192x224x192 mm field of view).
 
     Anatomy (nested ellipsoids in a head frame, all lengths x head_scale): scalp 5 mm, skull
-    6 mm, CSF; a brain envelope folded by r <= 1 + a f(u), where u is the direction from the
-    centre and f = sum_k w_k sin(omega_k . u + phi_k) (8 terms, w_k ~ N(0, 1), |omega_k| ~
-    U(10, 20) rad, f divided by 1.5 std and clipped to [-1, 1]) makes gyri and sulci; white matter is the same folded surface
-    cortex_mm further in (a thick, unfolded-scale shell, so cortex and WM volumes come out
-    comparable as in real brains); lateral ventricles, thalami and putamina are ellipsoids
-    on each side inside the WM. Atrophy shrinks the brain (CSF fills the gap) and grows the
-    ventricles. Pose: x_head = R^T (x - t), R from rotation_deg, t = shift_mm, like an
-    unregistered scan. Intensity: PHANTOM_INTENSITIES per label, times a smooth bias field
-    1 + b g(x) on the signal (image + 1) / 2, with g a random quadratic polynomial of the
-    position scaled to max |g| = 1, plus Gaussian noise N(0, noise_sd^2), clipped to [-1, 1].
+    6 mm, CSF; a brain envelope folded by r <= 1 + a f(u), where r is the ellipsoidal radius,
+    u the direction from the centre and f = sum_k w_k sin(omega_k . u + phi_k) (8 terms,
+    w_k ~ N(0, 1), |omega_k| ~ U(10, 20) rad, f divided by 1.5 std and clipped to [-1, 1]),
+    which makes gyri and sulci (the envelope is shrunk by 1 + a so they stay inside the
+    skull); white matter is the same folded surface cortex_mm further in (a thick shell, so
+    cortex and WM volumes come out comparable as in real brains); lateral ventricles, thalami
+    and putamina are ellipsoids on each side inside the WM. Atrophy shrinks the brain (CSF
+    fills the gap) and grows the ventricles. Pose: x_head = R^T (x - t), R from rotation_deg,
+    t = shift_mm, like an unregistered scan. Intensity: PHANTOM_INTENSITIES per label, times
+    a smooth bias field 1 + b g(x) on the signal (image + 1) / 2, g a random quadratic
+    polynomial of the position with |g| <= 1, plus Gaussian noise N(0, noise_sd^2), clipped
+    to [-1, 1].
 
     Every random draw comes from numpy's Generator seeded with seed, distributions in
     PHANTOM_DISTRIBUTIONS. Keyword params fix any of those draws (e.g. atrophy=0.9,
@@ -1256,7 +1258,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(arr)[None, None]
         size = self.size
         if self.voxel_mm is not None:
-            zooms = nib.affines.voxel_sizes(affine @ ornt.inv_ornt_aff(to_lps, arr.shape))
+            zooms = nib.affines.voxel_sizes(affine)[np.argsort(to_lps[:, 0])]       # in LPS axis order
             size = tuple(max(1, round(n * z / self.voxel_mm)) for n, z in zip(arr.shape, zooms))
         if size is not None and tuple(size) != arr.shape:
             shrink = all(s <= n for s, n in zip(size, arr.shape))
@@ -1959,6 +1961,8 @@ def _cmd_preprocess(args) -> int:
     print(f"{'mask' if getattr(args, 'mask', None) else 'head'} centre at voxel "
           f"({', '.join(f'{v:.1f}' for v in landed)}); grid centre ({', '.join(f'{v:.1f}' for v in grid_centre)})")
     return 0
+
+# --- end of the preprocess subcommand block ------------------------------------------------------
 
 
 def _build_parser():

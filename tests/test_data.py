@@ -268,6 +268,15 @@ def test_phantom_sides_atrophy_and_pose():
         dm.phantom(0, atrophy_level=1)
 
 
+def test_phantom_cortex_is_folded():
+    def sulci(labels):  # voxels a 7 mm morphological closing adds to the brain: 0 for a convex brain
+        brain = torch.from_numpy((labels >= 4).astype(np.float32))[None, None]
+        closed = -torch.nn.functional.max_pool3d(-torch.nn.functional.max_pool3d(brain, 5, 1, 2), 5, 1, 2)
+        return float((closed - brain).sum() / brain.sum())
+    assert sulci(dm.phantom(0, fold_amplitude=0)[1]) == 0
+    assert sulci(dm.phantom(0)[1]) > 0.01 and sulci(dm.phantom(0, fold_amplitude=0.12)[1]) > 0.03
+
+
 def test_phantom_other_grid_and_voxel_size():
     img, lab = dm.phantom(3, shape=(48, 56, 48))
     assert img.shape == (48, 56, 48)
@@ -313,6 +322,11 @@ def test_volume_dataset(tmp_path):
     ref = dm.to_model(torch.nn.functional.avg_pool3d(torch.from_numpy(vol)[None, None], 2)[0])
     assert (a - ref).abs().max() < 2 / 65535 * 2 + 1e-5                           # area pooling
     assert dm.VolumeDataset([folder / "b.nii"], size=(32, 40, 24))[0].shape == (1, 32, 40, 24)
+    # anisotropic voxels (4, 2, 1) mm in LPS order, stored with axes P, S, L
+    psl = np.array([[0, 0, -4.0, 0], [-2.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])
+    small = np.random.default_rng(0).random((20, 30, 40)).astype(np.float32)    # LPS (L-R, P-A, I-S)
+    dm.save_nifti(small.transpose(1, 2, 0), tmp_path / "psl.nii.gz", affine=psl)
+    assert dm.VolumeDataset(tmp_path / "psl.nii.gz", voxel_mm=4)[0].shape == (1, 20, 15, 10)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch.shape == (2, 1, 48, 56, 48)
     aug1, aug2 = (dm.VolumeDataset(folder, voxel_mm=4, augment=True, seed=3) for _ in range(2))
