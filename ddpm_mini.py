@@ -1929,7 +1929,7 @@ def _demo_parser(sub):
     advanced.add_argument("--steps", type=int, default=100_000, help="training steps cap, over all runs (default 100000)")
     advanced.add_argument("--batch-size", type=int, default=2, help="volumes per step (default 2)")
     advanced.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3: short runs)")
-    advanced.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample (default 50)")
+    advanced.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sample (default 25)")
 
 
 def _preprocess_parser(subparsers):
