@@ -252,16 +252,17 @@ def _norm_act_parts(norm: nn.GroupNorm, parts) -> list:
     """SiLU(GroupNorm(cat(parts, 1))), returned as the same channel parts, without the concatenation.
 
     Group statistics from per-channel ones: for the channels c of group g,
-    mean_g = avg_c mean_c and var_g = avg_c (var_c + mean_c^2) - mean_g^2. When no
+    mean_g = avg_c mean_c and var_g = avg_c mean(x_c^2) - mean_g^2. When no
     gradient is needed the parts are normalised in place: the caller gives them up.
     """
-    # per-channel statistics in at least float32 (fp16 activations under autocast would overflow)
-    stats = [torch.var_mean(p.flatten(2).to(torch.promote_types(p.dtype, torch.float32)), dim=2, correction=0)
-             for p in parts]  # (B, Cp) each
-    var, mean = torch.cat([v for v, _ in stats], 1), torch.cat([m for _, m in stats], 1)  # (B, C)
-    B, C, G = var.shape[0], var.shape[1], norm.num_groups
+    # per-channel mean and mean square, accumulated in at least float32 (fp16 would overflow)
+    dims = tuple(range(2, parts[0].ndim))
+    dtype = torch.promote_types(parts[0].dtype, torch.float32)
+    mean = torch.cat([p.mean(dims, dtype=dtype) for p in parts], 1)  # (B, C)
+    msq = torch.cat([torch.linalg.vector_norm(p, dim=dims, dtype=dtype) ** 2 / math.prod(p.shape[2:]) for p in parts], 1)
+    B, C, G = mean.shape[0], mean.shape[1], norm.num_groups
     group_mean = mean.reshape(B, G, -1).mean(-1)
-    group_var = ((var + mean**2).reshape(B, G, -1).mean(-1) - group_mean**2).clamp(min=0)
+    group_var = (msq.reshape(B, G, -1).mean(-1) - group_mean**2).clamp(min=0)
     scale = torch.rsqrt(group_var + norm.eps).repeat_interleave(C // G, 1) * norm.weight  # (B, C)
     shift = norm.bias - group_mean.repeat_interleave(C // G, 1) * scale
     out, start = [], 0
@@ -291,15 +292,22 @@ class _Conv(nn.Module):
     def forward(self, *parts):
         if len(parts) == 1 and not self.pointwise:
             return self.conv(parts[0])
-        w, out, start = self.conv.weight, None, 0
-        for x in parts:
-            wx, start = w[:, start:start + x.shape[1]], start + x.shape[1]
-            if self.pointwise:  # (Cout, Cx) @ (B, Cx, N) -> (B, Cout, N)
-                y = torch.matmul(wx.flatten(1), x.flatten(2)).reshape(x.shape[0], -1, *x.shape[2:])
-            else:
-                y = self.conv._conv_forward(x, wx, None)
-            out = y if out is None else out.add_(y)
-        return out.add_(self.conv.bias.to(out.dtype).reshape(-1, *([1] * (out.ndim - 2))))
+        w, b = self.conv.weight, self.conv.bias
+        bounds = np.cumsum([0] + [x.shape[1] for x in parts])
+        weights = [w[:, lo:hi].contiguous() for lo, hi in zip(bounds[:-1], bounds[1:])]  # oneDNN wants contiguous
+        if self.pointwise:  # per item: (Cout, Cx) @ (Cx, N), accumulated over the parts in place
+            items = []
+            for i in range(parts[0].shape[0]):
+                acc = torch.addmm(b[:, None], weights[0].flatten(1), parts[0][i].reshape(parts[0].shape[1], -1))
+                for x, wx in zip(parts[1:], weights[1:]):
+                    acc = acc.addmm_(wx.flatten(1), x[i].reshape(x.shape[1], -1))
+                items.append(acc)
+            out = items[0][None] if len(items) == 1 else torch.stack(items)
+            return out.reshape(out.shape[0], -1, *parts[0].shape[2:])
+        out = self.conv._conv_forward(parts[0], weights[0], b)
+        for x, wx in zip(parts[1:], weights[1:]):
+            out = out.add_(self.conv._conv_forward(x, wx, None))
+        return out
 
 
 class _Downsample(nn.Module):
@@ -334,8 +342,20 @@ class _Upsample(nn.Module):
         self.parities = list(itertools.product((0, 1), repeat=dims))
 
     def folded_weight(self) -> torch.Tensor:
-        """(2**dims * C, C, 2, ..., 2): the coarse-grid kernels of every parity, stacked."""
+        """(2**dims * C, C, 2, ..., 2): the coarse-grid kernels of every parity, stacked.
+
+        Cached while no gradient is needed; the cache follows the weight's version
+        counter, so optimizer steps and load_state_dict invalidate it."""
         w = self.postconv.conv.weight  # (C, C, 3, ..., 3)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self._fold(w)
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if getattr(self, "_cache", (None,))[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._fold(w))
+        return self._cache[1]
+
+    def _fold(self, w: torch.Tensor) -> torch.Tensor:
         fold = self._FOLD.to(w.device, w.dtype)
         kernels = []
         for parity in self.parities:

@@ -110,3 +110,17 @@ def test_resblock_on_parts_equals_resblock_on_concatenation():
     c = torch.cat([h, skip], 1).requires_grad_()
     block(c, emb).sum().backward()
     torch.testing.assert_close(torch.cat([a.grad, b.grad], 1), c.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_folded_upsample_cache_follows_weight_changes():
+    up = randomize(dm._Upsample(3, 4), seed=7).eval()
+    x = torch.randn(1, 4, 3, 3, 3)
+    with torch.inference_mode():
+        first = up(x)
+    with torch.no_grad():
+        up.postconv.conv.weight.mul_(2.0)  # an optimizer step or load_state_dict changes it in place
+    with torch.inference_mode():
+        second = up(x)
+    expected = up.postconv(F.interpolate(x, scale_factor=2, mode="nearest")).detach()
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first, second)
