@@ -1,0 +1,326 @@
+"""Section 10 (evaluation): volume statistics, SynthSeg CSVs, image checks, report, CLI."""
+import argparse
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_mini as dm
+
+# ---------------------------------------------------------------------------
+# SynthSeg --vol CSV fixtures, built from the structure list (no real subjects)
+# ---------------------------------------------------------------------------
+
+SYNTHSEG2 = [
+    "total intracranial", "left cerebral white matter", "left cerebral cortex", "left lateral ventricle",
+    "left inferior lateral ventricle", "left cerebellum white matter", "left cerebellum cortex",
+    "left thalamus", "left caudate", "left putamen", "left pallidum", "3rd ventricle", "4th ventricle",
+    "brain-stem", "left hippocampus", "left amygdala", "csf", "left accumbens area", "left ventral DC",
+    "right cerebral white matter", "right cerebral cortex", "right lateral ventricle",
+    "right inferior lateral ventricle", "right cerebellum white matter", "right cerebellum cortex",
+    "right thalamus", "right caudate", "right putamen", "right pallidum", "right hippocampus",
+    "right amygdala", "right accumbens area", "right ventral DC",
+]
+SYNTHSEG1 = [s for s in SYNTHSEG2 if s not in ("total intracranial", "csf")]
+DK = ("bankssts caudalanteriorcingulate caudalmiddlefrontal cuneus entorhinal fusiform inferiorparietal "
+      "inferiortemporal isthmuscingulate lateraloccipital lateralorbitofrontal lingual medialorbitofrontal "
+      "middletemporal parahippocampal paracentral parsopercularis parsorbitalis parstriangularis pericalcarine "
+      "postcentral posteriorcingulate precentral precuneus rostralanteriorcingulate rostralmiddlefrontal "
+      "superiorfrontal superiorparietal superiortemporal supramarginal frontalpole temporalpole "
+      "transversetemporal insula").split()
+PARC = [f"ctx-lh-{p}" for p in DK] + [f"ctx-rh-{p}" for p in DK]
+
+
+def synthseg_csv(path, structures, subjects, seed=0, thalamus_mm3=7000.0):
+    """Write a SynthSeg-style CSV with made-up volumes; returns the (subjects, S) value array."""
+    rng = np.random.default_rng(seed)
+    values = rng.uniform(500, 5000, size=(len(subjects), len(structures))).round(3)
+    for j, s in enumerate(structures):
+        if s.endswith("thalamus"):
+            values[:, j] = rng.normal(thalamus_mm3, 500, len(subjects)).round(3)
+    lines = [",".join(["subject", *structures])]
+    lines += [",".join([subj, *map(str, row)]) for subj, row in zip(subjects, values)]
+    path.write_text("\n".join(lines) + "\n")
+    return values
+
+
+@pytest.mark.parametrize("structures", [SYNTHSEG2, SYNTHSEG2 + PARC, SYNTHSEG1], ids=["v2", "v2-parc", "v1"])
+def test_read_synthseg_csv_variants(tmp_path, structures):
+    subjects = ["/data/in/sub-01_T1w.nii.gz", "sub-02_T1w.nii", "sub-03"]
+    values = synthseg_csv(tmp_path / "vol.csv", [f" {s.upper()} " if i == 3 else s for i, s in
+                                                  enumerate(structures)], subjects)
+    t = dm.read_synthseg_csv(tmp_path / "vol.csv")
+    assert list(t["volumes"]) == [s.lower() for s in structures]       # order kept, names normalised
+    assert len(t["volumes"]) == {33: 33, 101: 101, 31: 31}[len(structures)]
+    assert t["subject"] == subjects
+    assert t["id"] == ["sub-01_T1w", "sub-02_T1w", "sub-03"]
+    got = np.stack(list(t["volumes"].values()), axis=1)
+    np.testing.assert_array_equal(got, values)
+    assert got.dtype == np.float64
+    assert ("csf" in t["volumes"]) == (structures is not SYNTHSEG1)
+
+
+def test_read_synthseg_csv_errors(tmp_path):
+    bad = {
+        "no_subject.csv": "image,left thalamus\na,1\n",
+        "ragged.csv": "subject,left thalamus,right thalamus\na,1,2\nb,3\n",
+        "text.csv": "subject,left thalamus\na,12,\n",
+        "nan_word.csv": "subject,left thalamus\na,big\n",
+        "empty.csv": "",
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match="first column must be 'subject'"):
+        dm.read_synthseg_csv(tmp_path / "no_subject.csv")
+    with pytest.raises(ValueError, match="data row 2: 2 cells, the header has 3"):
+        dm.read_synthseg_csv(tmp_path / "ragged.csv")
+    with pytest.raises(ValueError, match="data row 1: 3 cells"):
+        dm.read_synthseg_csv(tmp_path / "text.csv")
+    with pytest.raises(ValueError, match="'big' is not a number"):
+        dm.read_synthseg_csv(tmp_path / "nan_word.csv")
+    with pytest.raises(ValueError, match="found 'nothing'"):
+        dm.read_synthseg_csv(tmp_path / "empty.csv")
+
+
+def test_table_csv_round_trip_and_merge_lr(tmp_path):
+    values = synthseg_csv(tmp_path / "vol.csv", SYNTHSEG2 + PARC, ["a.nii.gz", "b.nii.gz"], seed=3)
+    t = dm.read_synthseg_csv(tmp_path / "vol.csv")
+    back = dm.read_synthseg_csv(dm.write_table_csv(t, tmp_path / "copy.csv"))
+    assert back["subject"] == t["subject"] and list(back["volumes"]) == list(t["volumes"])
+    for k in t["volumes"]:
+        np.testing.assert_array_equal(back["volumes"][k], t["volumes"][k])
+
+    m = dm.merge_left_right(t)["volumes"]
+    col = {s: values[:, i] for i, s in enumerate(SYNTHSEG2 + PARC)}
+    assert list(m)[:5] == ["total intracranial", "cerebral white matter", "cerebral cortex",
+                           "lateral ventricle", "inferior lateral ventricle"]
+    assert len(m) == 2 + 14 + 3 + 34                      # 2 unsided, 14 pairs, 3 midline, 34 parcels
+    np.testing.assert_allclose(m["thalamus"], col["left thalamus"] + col["right thalamus"])
+    np.testing.assert_allclose(m["ventral dc"], col["left ventral DC"] + col["right ventral DC"])
+    np.testing.assert_allclose(m["ctx-insula"], col["ctx-lh-insula"] + col["ctx-rh-insula"])
+    np.testing.assert_array_equal(m["brain-stem"], col["brain-stem"])
+
+    phantom_names = dm._volume_table(["x"], {"left_putamen": [2.0], "right_putamen": [3.0], "csf": [1.0],
+                                              "left_thalamus": [5.0]})
+    merged = dm.merge_left_right(phantom_names)["volumes"]
+    assert merged == {"putamen": pytest.approx([5.0]), "csf": [1.0], "left_thalamus": [5.0]}
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+def test_wasserstein_hand_values():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=57)
+    assert dm.wasserstein1(x, x + 2.5) == pytest.approx(2.5, rel=1e-12)
+    assert dm.wasserstein1(x, x) == 0.0
+    # unequal sizes: quantile functions 0|1 (halves) against 0|3 (2/3, 1/3):
+    # |Q_a - Q_b| is 1 on (1/2, 2/3) and 2 on (2/3, 1) -> 1/6 + 2/3 = 5/6
+    assert dm.wasserstein1([0, 1], [0, 0, 3]) == pytest.approx(5 / 6, rel=1e-12)
+    assert dm.wasserstein1([1, 2, 3, 4], [10]) == pytest.approx(10 - 2.5, rel=1e-12)
+    with pytest.raises(ValueError):
+        dm.wasserstein1([], [1.0])
+
+
+def test_holm_and_bh_hand_worked():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted 0.005 0.01 0.03 0.04; Holm factors 4 3 2 1 -> 0.02 0.03 0.06 0.04 -> running max
+    np.testing.assert_allclose(dm.adjust_pvalues(p, "holm"), [0.03, 0.06, 0.06, 0.02])
+    # BH m/k: 0.02 0.02 0.04 0.04 -> running min from the top
+    np.testing.assert_allclose(dm.adjust_pvalues(p, "fdr"), [0.02, 0.04, 0.04, 0.02])
+    np.testing.assert_allclose(dm.adjust_pvalues([0.5, 0.6], "holm"), [1.0, 1.0])
+    np.testing.assert_allclose(dm.adjust_pvalues([0.02, 0.03, 0.9], "bh"), [0.045, 0.045, 0.9])
+    with pytest.raises(ValueError, match="'holm', 'fdr'"):
+        dm.adjust_pvalues(p, "bonferonni")
+
+
+def test_cohens_d_hand_value():
+    a, b = np.array([1.0, 2, 3, 4]), np.array([3.0, 4, 5, 6, 7])
+    pooled = math.sqrt((3 * np.var(a, ddof=1) + 4 * np.var(b, ddof=1)) / 7)
+    assert dm.cohens_d(a, b) == pytest.approx(-2.5 / pooled)
+    assert dm.cohens_d(a, b, hedges=True) == pytest.approx(-2.5 / pooled * (1 - 3 / 27))
+
+
+def test_permutation_p_exact_cases():
+    # 2 vs 2: 6 equally likely splits, 2 of them as extreme as {0,1}|{2,3} -> p = 1/3
+    p = dm.permutation_test([0.0, 1.0], [2.0, 3.0], n_permutations=30000, seed=1)
+    assert abs(p - 1 / 3) < 0.01                         # binomial SE 0.0027
+    # fully separated 10 vs 10: 2 of C(20,10) splits tie, so 999 relabellings hit one with
+    # probability 1 % (seed 0 does: p = 2/1000); seed 1 does not: p = (1 + 0) / (1 + 999)
+    assert dm.permutation_test(np.arange(10.0), np.arange(10.0) + 100, 999, seed=1) == 1 / 1000
+    assert dm.permutation_test([1.0, 1.0, 1.0], [1.0, 1.0], 99) == 1.0   # every relabelling ties
+    assert dm.permutation_test(np.arange(5.0), np.arange(6.0), 500, seed=7) == \
+        dm.permutation_test(np.arange(5.0), np.arange(6.0), 500, seed=7)
+
+
+def binomial_band(n, q, tail=5e-4):
+    """Smallest [lo, hi] with P(X < lo), P(X > hi) each below tail for X ~ Bin(n, q)."""
+    pmf = [math.comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(n + 1)]
+    cdf = np.cumsum(pmf)
+    return int(np.searchsorted(cdf, tail)), int(np.searchsorted(cdf, 1 - tail))
+
+
+def test_permutation_test_calibrated_under_the_null():
+    # 200 independent null draws (20 vs 20 normals), 999 permutations each.
+    rng = np.random.default_rng(2024)
+    p = np.array([dm.permutation_test(rng.normal(size=20), rng.normal(size=20), 999, seed=k)
+                  for k in range(200)])
+    lo, hi = binomial_band(200, 0.05)                    # (2, 21): 0.05 % per tail under Bin(200, 0.05)
+    false_pos = int((p <= 0.05).sum())
+    assert lo <= false_pos <= hi, (false_pos, lo, hi)
+    assert abs(p.mean() - 0.5) < 4 * math.sqrt(1 / 12 / 200)   # mean of U(0,1): SE 0.020
+    lo50, hi50 = binomial_band(200, 0.5)
+    assert lo50 <= (p <= 0.5).sum() <= hi50
+
+
+def test_permutation_test_power_for_a_large_shift():
+    # 1.5 SD shift, 30 vs 30: t-test power at alpha 0.05 is 0.9999 -> at most 1 miss in 50
+    rng = np.random.default_rng(5)
+    p = np.array([dm.permutation_test(rng.normal(size=30), rng.normal(1.5, 1, size=30), 999, seed=k)
+                  for k in range(50)])
+    assert (p <= 0.05).sum() >= 49
+
+
+def test_permutations_vectorised_fast():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(10, 100)), rng.normal(size=(10, 100))
+    dm.permutation_test(a, b, 100)                       # warm-up
+    t0 = time.perf_counter()
+    p = dm.permutation_test(a, b, 10000, seed=0)
+    assert time.perf_counter() - t0 < 1.0
+    assert p.shape == (10,) and np.all((p > 0) & (p <= 1))
+    # row s of the batch equals the 1-D test with the same seed (same relabellings)
+    assert p[3] == dm.permutation_test(a[3], b[3], 10000, seed=0)
+
+
+def _table(subjects, **cols):
+    return dm._volume_table(subjects, cols)
+
+
+def test_compare_volumes_rows():
+    rng = np.random.default_rng(11)
+    n = 40
+    real = _table([f"r{i}" for i in range(n)], **{"left thalamus": rng.normal(7000, 500, n),
+                                                  "right thalamus": rng.normal(7000, 500, n),
+                                                  "left putamen": rng.normal(5000, 400, n),
+                                                  "right putamen": rng.normal(5000, 400, n)})
+    fake = _table([f"s{i}" for i in range(n)], **{"left_thalamus": rng.normal(7000, 500, n),
+                                                  "right_thalamus": rng.normal(7000, 500, n),
+                                                  "left_putamen": rng.normal(4200, 400, n),
+                                                  "right_putamen": rng.normal(4200, 400, n),
+                                                  "csf": rng.normal(1, 1, n)})
+    rows = dm.compare_volumes(fake, real, n_permutations=2000, seed=0)
+    assert [r["structure"] for r in rows] == ["left_thalamus", "right_thalamus", "left_putamen", "right_putamen"]
+    by = {r["structure"]: r for r in rows}
+    assert by["left_putamen"]["p"] == 1 / 2001 and by["left_putamen"]["p_adjusted"] == pytest.approx(4 / 2001)
+    assert by["left_thalamus"]["p"] > 0.01
+    r = by["right_putamen"]
+    va, vb = fake["volumes"]["right_putamen"], real["volumes"]["right putamen"]
+    assert r["difference"] == pytest.approx(va.mean() - vb.mean())
+    assert r["cohen_d"] == pytest.approx(dm.cohens_d(va, vb)) and r["cohen_d"] < -1.5
+    assert r["wasserstein"] == pytest.approx(dm.wasserstein1(va, vb))
+    assert r["n_a"] == n and r["sd_b"] == pytest.approx(vb.std(ddof=1))
+
+    merged = dm.compare_volumes(fake, real, structures=["Putamen", "thalamus"], merge_lr=True,
+                                n_permutations=500, correction="fdr")
+    assert [r["structure"] for r in merged] == ["putamen", "thalamus"]
+    assert merged[0]["mean_b"] == pytest.approx((real["volumes"]["left putamen"]
+                                                 + real["volumes"]["right putamen"]).mean())
+    with pytest.raises(ValueError, match="shared structures"):
+        dm.compare_volumes(fake, real, structures=["csf"])
+
+
+# ---------------------------------------------------------------------------
+# Image-level checks
+# ---------------------------------------------------------------------------
+
+def test_histograms_and_distance():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.8, 0.4, size=(2, 16, 16, 16))
+    p, edges = dm.intensity_histogram(x, bins=100)
+    assert p.shape == (100,) and edges.shape == (101,) and p.sum() == pytest.approx(1.0)
+    q, _ = dm.intensity_histogram(x + 0.2, bins=100)       # 10 bins of 0.02 to the right
+    d = dm.histogram_distance(p, q, edges)
+    assert d["wasserstein"] == pytest.approx(0.2, abs=0.003)  # rounding of values near bin edges
+    assert 0 < d["js"] < 1
+    assert dm.histogram_distance(p, p, edges) == {"wasserstein": 0.0, "js": 0.0}
+    disjoint = dm.histogram_distance(*dm.intensity_histogram(np.full((1, 4, 4, 4), -0.9), bins=10)[:1],
+                                     dm.intensity_histogram(np.full((1, 4, 4, 4), 0.9), bins=10)[0], edges[::10])
+    assert disjoint["js"] == pytest.approx(1.0) and disjoint["wasserstein"] == pytest.approx(1.8)
+    mask = np.zeros((16, 16, 16), bool)
+    mask[:8] = True
+    pm, _ = dm.intensity_histogram(x, bins=100, mask=mask)
+    assert pm.sum() == pytest.approx(1.0) and not np.allclose(pm, p)
+    with pytest.raises(ValueError, match="no voxels"):
+        dm.intensity_histogram(x, mask=np.zeros((16, 16, 16), bool))
+
+
+def test_ssim_and_diversity():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(4, 24, 24, 24, generator=g) * 2 - 1
+    assert dm.diversity(noise) < 0.1
+    assert abs(dm.diversity(noise)) < 0.02                # measured 0.004
+    same = noise[:1].repeat(3, 1, 1, 1)
+    assert dm.diversity(same) == pytest.approx(1.0, abs=1e-5)
+    smooth = torch.linspace(-1, 1, 24).view(24, 1, 1).expand(24, 24, 24)
+    collapsed = (smooth + 0.05 * noise).clamp(-1, 1)      # one mode plus a little noise
+    assert 0.8 < dm.diversity(collapsed) < 0.99          # measured 0.95
+    assert dm.diversity(noise, max_pairs=2) == pytest.approx(dm.diversity(noise), abs=0.05)
+    with pytest.raises(ValueError, match="at least 2"):
+        dm.diversity(noise[:1])
+
+
+# ---------------------------------------------------------------------------
+# Report and command line
+# ---------------------------------------------------------------------------
+
+def test_comparison_report_writes_csv_and_png(tmp_path):
+    rng = np.random.default_rng(3)
+    cols = ("left thalamus", "right thalamus", "left putamen", "right putamen")
+    real = _table([f"r{i}" for i in range(30)], **{c: rng.normal(7000, 400, 30) for c in cols})
+    sets = {name: _table([f"{name}{i}" for i in range(25)], **{c: rng.normal(7000 + shift, 400, 25) for c in cols})
+            for name, shift in (("sample", -1200), ("velocity", 0), ("flow", 50))}
+    out = dm.comparison_report(real, sets, tmp_path / "rep", merge_lr=True, n_permutations=999)
+    assert out["csv"].exists() and out["figure"].exists()
+    assert out["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = dm.read_rows_csv(out["csv"])
+    assert len(rows) == 6 and [r["set"] for r in rows] == ["sample"] * 2 + ["velocity"] * 2 + ["flow"] * 2
+    assert [r["structure"] for r in rows[:2]] == ["thalamus", "putamen"]
+    for r, mem in zip(rows, out["table"]):
+        assert r["p_adjusted"] == pytest.approx(float(mem["p_adjusted"]), rel=1e-12)
+        assert r["mean_real"] == pytest.approx(float(mem["mean_real"]), rel=1e-12)
+    assert rows[0]["p_adjusted"] <= 2 / 1000 and rows[0]["difference"] < -1500     # merged: 2 x -1200
+    assert rows[2]["p"] > 0.01 and rows[4]["p"] > 0.01
+    assert not list((tmp_path / "rep").glob(".*tmp*"))  # nothing half-written left behind
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser(prog="ddpm_mini.py")
+    dm._evaluate_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_on_synthseg_csvs(tmp_path, capsys):
+    subj = lambda tag, n: [f"/data/{tag}-{i:02d}.nii.gz" for i in range(n)]
+    synthseg_csv(tmp_path / "real.csv", SYNTHSEG2, subj("real", 20), seed=1, thalamus_mm3=7000)
+    synthseg_csv(tmp_path / "sample.csv", SYNTHSEG2, subj("sample", 15), seed=2, thalamus_mm3=5500)
+    synthseg_csv(tmp_path / "flow.csv", SYNTHSEG1 + PARC, subj("flow", 15), seed=3, thalamus_mm3=7000)
+    code = run_cli(["evaluate", "--real", str(tmp_path / "real.csv"),
+                    "--synthetic", f"sample={tmp_path / 'sample.csv'}", f"flow={tmp_path / 'flow.csv'}",
+                    "--out", str(tmp_path / "out"), "--structures", "thalamus", "caudate",
+                    "--merge-lr", "--permutations", "999", "--seed", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "p_adjusted" in printed and "wrote" in printed
+    rows = dm.read_rows_csv(tmp_path / "out" / "volumes.csv")
+    assert [(r["set"], r["structure"]) for r in rows] == [("sample", "thalamus"), ("sample", "caudate"),
+                                                          ("flow", "thalamus"), ("flow", "caudate")]
+    assert rows[0]["p"] == 1 / 1000 and rows[0]["difference"] == pytest.approx(-3000, abs=600)
+    assert rows[2]["p"] > 0.01
+    assert (tmp_path / "out" / "volumes.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="NAME=CSV"):
+        run_cli(["evaluate", "--real", str(tmp_path / "real.csv"), "--synthetic", "flow.csv", "--out", "x"])
