@@ -988,6 +988,11 @@ def from_model(x, dtype=np.uint16) -> np.ndarray:
 # --- Minimal preprocessing: the paper's four steps, nothing more -----------------------------
 
 
+# train's merge of data renamed this helper _volume_affine; main's merge kept one _as_volume
+# (a superset: it also squeezes leading size-1 axes). One implementation, both names.
+_volume_affine = _as_volume
+
+
 def _warp(volume, matrix, shape, mode="bilinear") -> torch.Tensor:
     """Resample volume (..., X, Y, Z) onto a grid of `shape` (3 sizes): output voxel i takes the
     input's value at voxel index p = M i + m, (M | m) = matrix[:3] ((4, 4) or (3, 4), indices).
@@ -1073,7 +1078,7 @@ def preprocess(image_or_path, mask=None):
 def _preprocess(image_or_path, mask=None) -> tuple:
     """preprocess(), also returning where the centre landed (3,) in output voxel indices."""
     import nibabel as nib
-    arr, affine = _as_volume(image_or_path, "image")
+    arr, affine = _volume_affine(image_or_path, "image")
     if affine is None:
         raise ValueError("preprocess needs the image's affine: pass a NIfTI path or a nibabel image, not an array")
     lo, hi = (float(v) for v in np.percentile(arr, [0.1, 99.9]))
@@ -1083,7 +1088,7 @@ def _preprocess(image_or_path, mask=None) -> tuple:
         raise ValueError(f"image is constant (every voxel is {lo}): nothing to preprocess")
     arr = np.clip((arr - lo) / (hi - lo), 0, 1)                                # step 1
     if mask is not None:                                                       # step 2
-        m, _ = _as_volume(mask, "mask")
+        m, _ = _volume_affine(mask, "mask")
         if m.shape != arr.shape:
             raise ValueError(f"mask shape {m.shape} differs from the image's {arr.shape}; "
                              f"the mask must be on the image's voxel grid")
@@ -1315,7 +1320,7 @@ class VolumeDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> torch.Tensor:
         import nibabel as nib
         from nibabel import orientations as ornt
-        arr, affine = _as_volume(self.files[i], str(self.files[i]))
+        arr, affine = _volume_affine(self.files[i], str(self.files[i]))
         to_lps = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("LPS"))
         arr = np.ascontiguousarray(ornt.apply_orientation(arr, to_lps))
         x = torch.from_numpy(arr)[None, None]
@@ -2098,6 +2103,7 @@ def _preprocess_parser(subparsers):
     p.add_argument("output", metavar="OUT", help="output NIfTI path (written atomically)")
     p.add_argument("--mask", metavar="M", default=None,
                    help="optional brain mask on IN's voxel grid: centre the crop on its centre of mass")
+    p.set_defaults(func=_cmd_preprocess)
     return p
 
 
