@@ -681,15 +681,18 @@ MANIFEST_COLUMNS = ("name", "kind", "group", "url", "hash", "verified", "size", 
 
 
 def manifest_path() -> pathlib.Path:
-    """The manifest in use: $DDPM_MINI_MANIFEST, else data_manifest.csv beside this module,
-    else the copy a non-editable install puts in <sys.prefix>/share/ddpm-mini/."""
+    """The manifest in use: $DDPM_MINI_MANIFEST, else data_manifest.csv beside this module (a
+    checkout), else the copy an installed wheel puts in <data root>/share/ddpm-mini/, where the
+    data root is the one holding lib/pythonX.Y/site-packages/ddpm_mini.py (venv, --user, /usr/local)."""
     env = os.environ.get("DDPM_MINI_MANIFEST")
     if env:
         return pathlib.Path(env)
-    here = pathlib.Path(__file__).resolve().with_name("data_manifest.csv")
-    if here.exists():
-        return here
-    return pathlib.Path(sys.prefix) / "share" / "ddpm-mini" / "data_manifest.csv"
+    here = pathlib.Path(__file__).resolve()
+    import sysconfig
+    roots = [here.parents[3] if len(here.parents) > 3 else here.parent, pathlib.Path(sys.prefix),
+             pathlib.Path(sysconfig.get_path("data"))]
+    candidates = [here.with_name("data_manifest.csv")] + [r / "share" / "ddpm-mini" / "data_manifest.csv" for r in roots]
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 def read_manifest(path=None) -> dict:

@@ -40,3 +40,23 @@ def test_ci_runs_the_readme_test_command():
 def test_manifest_ships_with_the_module():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["tool"]["setuptools"]["data-files"] == {"share/ddpm-mini": ["data_manifest.csv"]}
+
+
+def test_installed_module_finds_its_manifest(tmp_path):
+    """A wheel installs ddpm_mini.py into <root>/lib/pythonX.Y/site-packages and the manifest into
+    <root>/share/ddpm-mini (data-files); the module must find it there (venv, --user, /usr/local)."""
+    import shutil
+    import subprocess
+    import sys
+
+    site = tmp_path / "lib" / "python3.x" / "site-packages"
+    share = tmp_path / "share" / "ddpm-mini"
+    site.mkdir(parents=True)
+    share.mkdir(parents=True)
+    shutil.copy(ROOT / "ddpm_mini.py", site)
+    shutil.copy(ROOT / "data_manifest.csv", share)
+    code = "import ddpm_mini as dm; print(dm.__file__); print(dm.manifest_path()); print(len(dm.read_manifest()))"
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    module, manifest, count = out.stdout.split()
+    assert module == str(site / "ddpm_mini.py") and manifest == str(share / "data_manifest.csv") and int(count) > 4
