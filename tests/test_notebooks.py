@@ -1,0 +1,178 @@
+"""The course notebooks: stored clean, thin, and every one runs headless in smoke mode.
+
+Each notebook runs in a fresh kernel (nbclient) with DDPM_MINI_SMOKE=1: CPU, tiny sizes,
+no network. Where a notebook fetches the pretrained weights, a loopback HTTP mirror serves
+stand-in files (random weights of UNet(**MEDFORJ_UNET), saved like the published ones), so
+the real fetch path (manifest, Pooch, cache, strict load) runs.
+"""
+import ast
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import pytest
+import torch
+
+import ddpm_mini as dm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+NAMES = ["00_quickstart", "01_parameterizations", "02_sampling", "03_training", "04_evaluation"]
+CELL_TIMEOUT = 300          # seconds per cell (nbclient)
+FETCHES = {"00_quickstart", "02_sampling"}   # notebooks that download the MedForj weights
+STANDIN_NAMES = [f"MedForj-weights-{tag}_ema.safetensors" for tag in ("clean", "velocity", "flow", "noise")]
+MAX_FUNCTION_LINES = 6      # "no function in a notebook longer than a few lines"
+
+
+def _read(name):
+    import nbformat
+    return nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+
+
+def _code(cell) -> str:
+    """Cell source with IPython line magics (%...) blanked, so ast can parse it."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in cell.source.splitlines())
+
+
+# --- The stored notebooks -----------------------------------------------------------------------
+
+
+def test_the_five_notebooks_exist():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_without_outputs_and_valid(name):
+    import nbformat
+    nb = _read(name)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{name}: a code cell has stored outputs"
+            assert cell.execution_count is None, f"{name}: a code cell has an execution count"
+        assert "attachments" not in cell or not cell.attachments
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_setup_and_parameters_cells(name):
+    """First code cell: the marked REPO_URL, Colab install, device. A cell tagged "parameters"
+    reads SMOKE from DDPM_MINI_SMOKE. A setup cell seeds and picks the data folder."""
+    code = [c for c in _read(name).cells if c.cell_type == "code"]
+    first = code[0].source
+    assert 'REPO_URL = "https://github.com/REPLACE-ME/ddpm-mini"' in first
+    assert '"google.colab" in sys.modules' in first and 'f"git+{REPO_URL}"' in first
+    assert "DEVICE =" in first
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] is code[1], f"{name}: the second code cell must be the tagged parameters cell"
+    assert 'os.environ.get("DDPM_MINI_SMOKE") == "1"' in tagged[0].source
+    assert any("torch.manual_seed(SEED)" in c.source and "DDPM_MINI_DATA" in c.source for c in code[:3])
+    # the README's placeholder address appears nowhere else
+    assert sum(c.source.count("REPLACE-ME") for c in _read(name).cells) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_thin_cells(name):
+    """Functions defined in a notebook stay a few lines long; prose and code alternate."""
+    nb = _read(name)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse(_code(cell))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                lines = node.end_lineno - node.lineno + 1
+                assert lines <= MAX_FUNCTION_LINES, f"{name}: a {lines}-line function belongs in ddpm_mini"
+            assert not isinstance(node, ast.ClassDef) or name == "01_parameterizations"
+        assert len(cell.source.splitlines()) <= 16, f"{name}: a long code cell:\n{cell.source}"
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds.count("markdown") >= kinds.count("code") // 2 + 1, f"{name}: too little prose"
+
+
+def test_exercises_run_green_as_shipped():
+    """01's exercises: each STUDENT line is followed by an assert in the same cell."""
+    cells = [c.source for c in _read("01_parameterizations").cells if "# STUDENT: replace this line" in c.source]
+    assert 3 <= len(cells) <= 4
+    for src in cells:
+        after = src.split("# STUDENT: replace this line", 1)[1]
+        assert "assert " in after
+
+
+# --- Running them headless ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def standin_weights(tmp_path_factory):
+    """One stand-in MedForj file (~165 MB): random weights of UNet(**MEDFORJ_UNET) as a plain
+    safetensors state dict, like the published files. Made once per session."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = dm.UNet(**dm.MEDFORJ_UNET)
+    path = tmp_path_factory.mktemp("standin") / "standin.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+@pytest.fixture
+def smoke_env(request, tmp_path, monkeypatch):
+    """The kernel's environment for a smoke run; serves stand-in weights where the notebook fetches."""
+    manifest = tmp_path / "data_manifest.csv"
+    shutil.copyfile(ROOT / "data_manifest.csv", manifest)
+    env = {
+        "DDPM_MINI_SMOKE": "1",
+        "DDPM_MINI_MANIFEST": str(manifest),
+        "DDPM_MINI_CACHE": str(tmp_path / "cache"),
+        "DDPM_MINI_DATA": str(tmp_path / "data"),
+        "MPLBACKEND": "Agg",
+        "CUDA_VISIBLE_DEVICES": "",              # smoke mode is a CPU run
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        # a closed loopback port: any fetch a notebook makes without a mirror fails at once
+        "DDPM_MINI_MIRROR": "http://127.0.0.1:9",
+    }
+    if request.node.callspec.params["name"] in FETCHES:
+        root, base = request.getfixturevalue("http_server")
+        for fname in STANDIN_NAMES:
+            _link_or_copy(request.getfixturevalue("standin_weights"), root / fname)
+        env["DDPM_MINI_MIRROR"] = base
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_in_smoke_mode(name, smoke_env, tmp_path):
+    from nbclient import NotebookClient
+    nb = _read(name)
+    before = sorted(p.name for p in NOTEBOOKS.iterdir())
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    start = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - start
+    print(f"{name}: {seconds:.1f} s")
+    timings = tmp_path.parent.parent / "notebook_times.json"  # the session's basetemp: one file per run
+    times = json.loads(timings.read_text()) if timings.exists() else {}
+    times[name] = round(seconds, 1)
+    timings.write_text(json.dumps(times, indent=1))
+    import nbformat
+    nbformat.write(nb, str(tmp_path / f"{name}.executed.ipynb"))  # for a look after a failure
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "from " + str(ROOT) in text or str(ROOT / "ddpm_mini.py") in text, "the kernel imported another ddpm_mini"
+    assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before, "a notebook wrote into notebooks/"
+    data = pathlib.Path(smoke_env["DDPM_MINI_DATA"])
+    if name in FETCHES:
+        assert list(pathlib.Path(smoke_env["DDPM_MINI_CACHE"]).glob("medforj_*/*.safetensors"))
+    if name in ("00_quickstart", "02_sampling"):
+        assert list(data.glob("*.nii.gz")), f"{name} saved no NIfTI"
