@@ -1523,7 +1523,7 @@ def _flood(mask: torch.Tensor, seeds: torch.Tensor, rival=None) -> torch.Tensor:
         a, b = a_next, b_next
 
 
-def _despeckle(labels: torch.Tensor, n_labels: int, min_same=4, rounds=2) -> torch.Tensor:
+def _despeckle(labels: torch.Tensor, n_labels: int, min_same=3, rounds=2) -> torch.Tensor:
     """Give each voxel that shares its label with fewer than min_same of its 26 neighbours the
     neighbours' most common label: isolated noise goes, 1-voxel-thin sheets (8 neighbours) stay."""
     n = labels.shape
@@ -1551,8 +1551,8 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
        cortex and white-matter voxels within half a gap of their mean; label by r;
     3. positions are mapped to the phantom's head frame (mm) by the head mask's centroid
        and per-axis spread (a solid ellipsoid of semi-axes a has sd a / sqrt(5)); CSF that
-       a flood from the skull reaches before a flood from the ventricles' centres is CSF,
-       the rest ventricles; isolated voxels are despeckled;
+       a flood from the skull reaches before a flood from the CSF inside the phantom's mean
+       ventricles (x 1.5) is CSF, the rest ventricles; isolated voxels are despeckled;
     4. deep gray -> thalamus / putamen, left / right: 4-means of the positions, started at
        the phantom's centres (thalamus medial-posterior, putamen lateral-anterior; axis 0
        grows to the subject's left, axis 1 to posterior).
@@ -1567,26 +1567,25 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
     half_gap = torch.where(gaps > 1e-6, gaps, torch.inf).min(1).values / 2       # (K,)
 
     dark = s < (means[3] + means[4]) / 2                                         # 1. topology
-    border = torch.zeros_like(dark)
-    for ax in range(3):
-        border.narrow(ax, 0, 1).fill_(True)
-        border.narrow(ax, x.shape[ax] - 1, 1).fill_(True)
+    border = torch.ones_like(dark)
+    border[1:-1, 1:-1, 1:-1] = False
     background = _flood(dark, border)
     scalp = _flood(~dark | background, background) & ~background
     classify = lambda r: inner[(r[..., None] - means[inner]).abs().argmin(-1)]   # noqa: E731
 
-    g = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in x.shape], indexing="ij")  # 2. bias field
-    terms = torch.stack([torch.ones_like(g[0]), *g, *(gi * gj for i, gi in enumerate(g) for gj in g[i:])])
+    g = [torch.linspace(-1, 1, n).view([-1 if i == ax else 1 for i in range(3)]) for ax, n in enumerate(x.shape)]
+    terms = [torch.ones(1, 1, 1), *g, *(gi * gj for i, gi in enumerate(g) for gj in g[i:])]  # 2. bias field
     step = max(1, round((x.numel() / 2e5) ** (1 / 3)))                           # fit on <= ~2e5 voxels
-    sub = lambda v: v[..., ::step, ::step, ::step].reshape(*v.shape[:-3], -1)    # noqa: E731
-    bias = torch.ones_like(s)
+    sub = lambda v: v.expand(x.shape)[::step, ::step, ::step].reshape(-1)       # noqa: E731
+    sub_t, sub_s = torch.stack([sub(t) for t in terms]), sub(s)                 # (10, n), (n,)
+    beta = torch.eye(10)[0]
     for _ in range(n_iter):
-        r = sub(s / bias)
+        r = sub_s / (beta @ sub_t).clamp_min(0.05)
         cls = torch.where(sub(scalp), 1, classify(r))
         use = torch.isin(cls, fit) & ~sub(background) & ((r - means[cls]).abs() < half_gap[cls])
-        design = (means[cls[use]] * sub(terms)[:, use]).T.double()              # (n, 10)
-        beta = torch.linalg.lstsq(design, sub(s)[use, None].double()).solution[:, 0].float()
-        bias = torch.einsum("j,j...->...", beta, terms).clamp_min(0.05)
+        design = (means[cls[use]] * sub_t[:, use]).T.double()                  # (n, 10)
+        beta = torch.linalg.lstsq(design, sub_s[use, None].double()).solution[:, 0].float()
+    bias = sum(b * t for b, t in zip(beta, terms)).clamp_min(0.05)             # B(x), (X, Y, Z)
     labels = torch.where(scalp, 1, classify(s / bias))
     labels[background] = 0
 
@@ -1594,10 +1593,11 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
     centre, scale = head.mean(0), torch.tensor(_HEAD_SEMI / 5 ** 0.5, dtype=torch.float32) / head.std(0)
     mm = lambda m: (m.nonzero().float() - centre) * scale                        # noqa: E731 (n, 3)
     side = torch.tensor([[1.0, 1, 1], [-1, 1, 1]])                               # left, mirrored right
+    rho2 = lambda p, c, a: (((p[:, None] - c) / a) ** 2).sum(-1)                 # noqa: E731 (n, k)
     csf, skull = labels.eq(3), labels.eq(2)
-    seeds = torch.zeros_like(csf)
-    near = torch.cdist(mm(csf), torch.tensor(_VENTRICLE[0]).float() * side).min(1).values < 8
-    seeds[tuple(csf.nonzero()[near].T)] = True
+    seeds = torch.zeros_like(csf)           # CSF within 1.5 x the mean ventricles: sulci never get this deep
+    near = rho2(mm(csf), torch.tensor(_VENTRICLE[0]).float() * side, torch.tensor(_VENTRICLE[1])).min(1).values
+    seeds[tuple(csf.nonzero()[near <= 1.5 ** 2].T)] = True
     labels[csf & ~_flood(csf | skull, skull, rival=seeds)] = 6
     labels[labels.eq(9)] = 7
     labels = _despeckle(labels, len(PHANTOM_LABELS))
@@ -1607,7 +1607,7 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
     centres = torch.cat([torch.tensor(_THALAMUS[0]).float() * side, torch.tensor(_PUTAMEN[0]).float() * side])
     semi = torch.tensor([_THALAMUS[1]] * 2 + [_PUTAMEN[1]] * 2).float()
     for _ in range(10):        # nearest by ellipsoidal radius |(p - c_k) / a_k|, c_k the cluster means
-        near = (((pts[:, None] - centres) / semi) ** 2).sum(-1).argmin(1)
+        near = rho2(pts, centres, semi).argmin(1)
         centres = torch.stack([pts[near == k].mean(0) if (near == k).any() else centres[k] for k in range(4)])
     labels[gray] = torch.tensor([7, 8, 9, 10])[near]
     return labels.numpy().astype(np.uint8)
@@ -1637,9 +1637,7 @@ def regional_volumes(maps, voxel_mm=None, merge_lr=False, **segment_kw) -> dict:
     """
     subjects, maps = (list(maps), list(maps.values())) if isinstance(maps, dict) else (None, list(maps))
     subjects = subjects or [f"subject_{i:03d}" for i in range(len(maps))]
-    vox = [None] * len(maps) if voxel_mm is None else np.asarray(voxel_mm, np.float64)
-    if voxel_mm is not None and vox.ndim < 2:
-        vox = [vox] * len(maps)
+    vox = voxel_mm if np.ndim(voxel_mm) == 2 else [voxel_mm] * len(maps)
     rows = []
     for name, m, v in zip(subjects, maps, vox):
         m = m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m)
@@ -1660,12 +1658,11 @@ def wasserstein1(a, b) -> float:
     merged sorted values x_(1) <= ... (the CDFs are constant between them):
     W1 = sum_k |F_a(x_k) - F_b(x_k)| (x_(k+1) - x_(k)).
     """
-    a, b = np.sort(np.ravel(a).astype(np.float64)), np.sort(np.ravel(b).astype(np.float64))
+    a, b = (np.sort(np.ravel(v).astype(np.float64)) for v in (a, b))
     if a.size == 0 or b.size == 0:
         raise ValueError("wasserstein1 needs two non-empty samples")
     x = np.sort(np.concatenate([a, b]))
-    fa = np.searchsorted(a, x[:-1], side="right") / a.size
-    fb = np.searchsorted(b, x[:-1], side="right") / b.size
+    fa, fb = (np.searchsorted(v, x[:-1], side="right") / v.size for v in (a, b))
     return float(np.sum(np.abs(fa - fb) * np.diff(x)))
 
 
@@ -1674,13 +1671,12 @@ def cohens_d(a, b, hedges=False) -> float:
 
     hedges=True multiplies by Hedges' small-sample factor 1 - 3 / (4 (n_a + n_b) - 9).
     """
-    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
-    na, nb = a.size, b.size
+    a, b = (np.ravel(v).astype(np.float64) for v in (a, b))
+    na, nb, diff = a.size, b.size, a.mean() - b.mean()
     if na < 2 or nb < 2:
         raise ValueError(f"an effect size needs at least 2 values per group, got {na} and {nb}")
     pooled = math.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
-    diff = a.mean() - b.mean()
-    d = diff / pooled if pooled > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    d = diff / pooled if pooled > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
     return d * (1 - 3 / (4 * (na + nb) - 9)) if hedges else d
 
 
@@ -1693,15 +1689,12 @@ def permutation_test(a, b, n_permutations=10000, seed=0, batch=2000) -> np.ndarr
     p = (1 + #{k : |D_k| >= |D_obs|}) / (1 + n_permutations).
     Seeded (numpy default_rng(seed)); done as (batch, N) 0/1 masks times the data.
     """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    flat = a.ndim == 1
-    a, b = np.atleast_2d(a), np.atleast_2d(b)
-    if a.shape[0] != b.shape[0] or a.shape[1] < 1 or b.shape[1] < 1 or a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"permutation_test needs (S, n_a) and (S, n_b) with n >= 1, got {a.shape} and {b.shape}")
-    if n_permutations < 1:
-        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-    x = np.concatenate([a, b], axis=1)                       # (S, N)
-    na, nb = a.shape[1], b.shape[1]
+    flat = np.ndim(a) == 1
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    if a.ndim != 2 or b.ndim != 2 or len(a) != len(b) or 0 in a.shape + b.shape or n_permutations < 1:
+        raise ValueError(f"permutation_test needs (S, n_a) and (S, n_b) with n >= 1 and n_permutations >= 1, "
+                         f"got {a.shape}, {b.shape} and {n_permutations}")
+    x, na, nb = np.concatenate([a, b], axis=1), a.shape[1], b.shape[1]   # (S, N)
     total = x.sum(axis=1)
     observed = np.abs(a.mean(axis=1) - b.mean(axis=1))       # (S,)
     tol = 1e-9 * np.abs(x).max(axis=1)                       # ties up to rounding count as ties
@@ -1790,12 +1783,10 @@ def compare_volumes(a, b, structures=None, n_permutations=10000, seed=0, correct
 
 def _as_batch(volumes) -> torch.Tensor:
     """A sequence of volumes or an (N, ...) array/tensor -> float32 tensor (N, X, Y, Z)."""
-    if torch.is_tensor(volumes) or isinstance(volumes, np.ndarray):
-        x = torch.as_tensor(volumes).float()
-    else:
-        x = torch.stack([torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).float() for v in volumes])
-    while x.ndim > 4 and x.shape[1] == 1:
-        x = x[:, 0]                                            # (N, 1, X, Y, Z) -> (N, X, Y, Z)
+    as_t = lambda v: torch.as_tensor(v if torch.is_tensor(v) else np.asarray(v)).float()  # noqa: E731
+    x = as_t(volumes) if torch.is_tensor(volumes) or isinstance(volumes, np.ndarray) else torch.stack(
+        [as_t(v) for v in volumes])
+    x = x[:, 0] if x.ndim == 5 and x.shape[1] == 1 else x                  # (N, 1, X, Y, Z) -> (N, X, Y, Z)
     if x.ndim != 4:
         raise ValueError(f"expected N volumes (N, X, Y, Z) or (N, 1, X, Y, Z), got shape {tuple(x.shape)}")
     return x
@@ -1839,9 +1830,7 @@ def _gaussian_blur3d(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor
     g = torch.exp(-t ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
     for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = g.numel()
-        x = F.conv3d(x, g.view(shape))
+        x = F.conv3d(x, g.view([1, 1] + [g.numel() if i == axis else 1 for i in range(3)]))
     return x
 
 
@@ -1902,7 +1891,7 @@ def comparison_report(real, synthetic: dict, out_dir, structures=None, merge_lr=
         raise ValueError("comparison_report needs at least one synthetic set")
     matched = _matched_structures([real, *sets.values()], structures)
     rows = []
-    for k, (set_name, table) in enumerate(sets.items()):
+    for set_name, table in sets.items():
         cmp = compare_volumes(table, real, [m[0] for m in matched], n_permutations, seed, correction,
                               names=("synthetic", "real"))
         rows += [{"set": set_name, **r} for r in cmp]
@@ -2509,7 +2498,7 @@ def _cmd_preprocess(args) -> int:
     return 0
 
 
-# --- evaluate subcommand (section 10); the main parser calls these two ----------
+# --- evaluate subcommand (section 10's); _COMMANDS below wires these two into main's parser ----------
 
 
 def _evaluate_parser(subparsers):
@@ -2532,16 +2521,20 @@ def _evaluate_parser(subparsers):
 
 
 def _cmd_evaluate(args) -> int:
-    """Run `evaluate`: load every set, comparison_report, print the table; returns the exit code."""
-    synthetic = {}
-    for spec in args.synthetic:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"evaluate: --synthetic takes NAME=CSV|DIR, got {spec!r}")
-        synthetic[name] = load_volume_table(path)
-    report = comparison_report(load_volume_table(args.real), synthetic, args.out, structures=args.structures,
-                               merge_lr=args.merge_lr, n_permutations=args.permutations, seed=args.seed,
-                               correction=args.correction)
+    """Run `evaluate`: load each set, comparison_report, print the table; 0 on success, 1 on bad input."""
+    try:
+        synthetic = {}
+        for spec in args.synthetic:
+            name, sep, path = spec.partition("=")
+            if not (sep and name and path):
+                raise ValueError(f"--synthetic takes NAME=CSV|DIR, got {spec!r}")
+            synthetic[name] = load_volume_table(path)
+        report = comparison_report(load_volume_table(args.real), synthetic, args.out, structures=args.structures,
+                                   merge_lr=args.merge_lr, n_permutations=args.permutations, seed=args.seed,
+                                   correction=args.correction)
+    except (ValueError, OSError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
     cols = ("set", "structure", "mean_real", "mean_synthetic", "difference", "p", "p_adjusted",
             "cohen_d", "wasserstein")
     print("  ".join(f"{c:>14}" for c in cols))
