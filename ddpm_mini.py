@@ -1379,6 +1379,317 @@ class PhantomDataset(torch.utils.data.IterableDataset):
 # 9. Training
 # =============================================================================
 
+import copy
+import dataclasses
+import random
+import shutil
+
+#: A U-Net that learns 48 x 56 x 48 phantoms on a 2-core CPU (TEACHING_PARAMS parameters):
+#: MEDFORJ_UNET's layout cut to three levels, attention only at the bottom (12 x 14 x 12 tokens).
+TEACHING_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(16, 32, 64),
+                     attention_levels=(False, False, True), num_res_blocks=1, num_head_channels=16,
+                     norm_num_groups=8)
+
+# A run's folder (out):
+#   checkpoints/step_000500/   model.safetensors, ema.safetensors (save_weights: prediction, U-Net,
+#                              schedule, step, shape), state.pt (optimizer, step, data position,
+#                              RNG states, loss history; torch.load(weights_only=True) reads it)
+#   checkpoints/step_000500.tmp/   a checkpoint being written: renamed when complete, else ignored
+#   history.csv                step, loss: one row per step
+#   previews/step_000500.png   the EMA model's sample at that step (preview_every)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What train() returns. model: trained, in train mode; ema: its EMA copy in eval mode (sample
+    with this one); history[k]: the loss of step k + 1; checkpoint, history_csv, previews: files written."""
+    model: nn.Module
+    ema: nn.Module
+    history: list
+    checkpoint: pathlib.Path | None = None
+    history_csv: pathlib.Path | None = None
+    previews: list = dataclasses.field(default_factory=list)
+
+
+def latest_checkpoint(out) -> pathlib.Path | None:
+    """The newest complete checkpoint folder out/checkpoints/step_NNNNNN, or None.
+    Folders still named step_NNNNNN.tmp (a write that never finished) do not count."""
+    folders = [p for p in (pathlib.Path(out) / "checkpoints").glob("step_*")
+               if p.is_dir() and p.name[5:].isdigit() and (p / "state.pt").exists()]
+    return max(folders, key=lambda p: int(p.name[5:]), default=None)
+
+
+def weights_file(path) -> pathlib.Path:
+    """The weights to sample with: a file as given; in a checkpoint or training output folder,
+    the EMA weights (ema.safetensors, of the newest complete checkpoint for an output folder)."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "ema.safetensors").exists():
+        return path / "ema.safetensors"
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds neither ema.safetensors nor a complete checkpoint "
+                                "(checkpoints/step_NNNNNN/ema.safetensors)")
+    return ckpt / "ema.safetensors"
+
+
+def _elements(data, seed: int, rank: int, world: int, start: int):
+    """This rank's endless stream of data elements, from its element number `start` on.
+
+    Indexable with a length (Dataset, tensor, list): a new permutation every epoch from
+    (seed, rank, epoch). Indexable without one (PhantomDataset(n=None)): items rank, rank + world, ...
+    Anything else (DataLoader, IterableDataset): its elements in order, re-iterated when it ends;
+    rank r keeps elements r, r + world, ... Resuming at `start` is exact; only the last kind
+    has to read the skipped elements again.
+    """
+    indexable = hasattr(data, "__getitem__") and not isinstance(data, torch.utils.data.DataLoader)
+    try:
+        n = len(data) if indexable else None
+    except TypeError:
+        n = None
+    if indexable and n == 0:
+        raise ValueError("train: the dataset is empty")
+    k = start
+    while indexable and n is None:
+        yield data[rank + k * world]
+        k += 1
+    while indexable:
+        epoch, i = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_item_seed(seed, rank, epoch)))
+        yield from (data[j] for j in order[i:].tolist())
+        k = (epoch + 1) * n
+    index, skip = 0, start
+    while True:
+        passed = index
+        for element in data:
+            index += 1
+            if (index - 1) % world == rank:
+                if skip:
+                    skip -= 1
+                else:
+                    yield element
+        if index == passed:
+            raise ValueError("train: the data ran out; give a Dataset, a DataLoader or another re-iterable, "
+                             "not a one-shot iterator")
+
+
+def _batches(elements, batch_size: int, dims: int):
+    """Group elements into (B, C, *S) batches; yields (batch, number of elements it took).
+    An element is a tensor (C, *S) (stacked batch_size at a time) or (B, C, *S) (used as it is),
+    or a tuple/list whose first entry is one."""
+    items = []
+    for element in elements:
+        x = torch.as_tensor(element[0] if isinstance(element, (tuple, list)) else element)
+        if x.ndim == dims + 2:
+            yield x, 1
+        elif x.ndim == dims + 1:
+            items.append(x)
+            if len(items) == batch_size:
+                yield torch.stack(items), batch_size
+                items = []
+        else:
+            raise ValueError(f"train: data elements must be (C, *S) or (B, C, *S) tensors with {dims} "
+                             f"spatial axes, got shape {tuple(x.shape)}")
+
+
+def _rng_states() -> dict:
+    """The global RNG states (torch CPU and CUDA, numpy, python) as plain tensors and tuples."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate()}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
+
+
+def _save_checkpoint(out: pathlib.Path, step: int, model, ema, state: dict, keep: int, **metadata) -> pathlib.Path:
+    """Write out/checkpoints/step_NNNNNN via a .tmp folder renamed when complete; keep the newest `keep`."""
+    final = out / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_weights(model, tmp / "model.safetensors", step=step, **metadata)
+        save_weights(ema, tmp / "ema.safetensors", step=step, ema=True, **metadata)
+        _atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    done = sorted((p for p in final.parent.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for old in done[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write_history(path: pathlib.Path, history: list) -> pathlib.Path:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([("step", "loss")] + [(k + 1, repr(v)) for k, v in enumerate(history)])
+    _atomic_write(path, write)
+    return path
+
+
+def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: float = 1e-4,
+          ema_decay: float = 0.999, max_grad_norm: float | None = 1.0, out=None, checkpoint_every: int = 500,
+          keep: int = 3, resume: bool = False, seed: int = 0, preview_every: int = 0, preview_steps: int = 32,
+          on_preview=None, max_minutes: float | None = None, schedule=None, device=None, dtype=None,
+          progress: bool = True) -> TrainResult:
+    """Train `model` to predict `prediction` for `steps` steps (the paper's recipe) and keep an EMA copy.
+
+    data: items (C, *S) from a Dataset or tensor (shuffled each epoch) or an endless indexable
+    dataset such as PhantomDataset(n=None); or any re-iterable (DataLoader, IterableDataset) of
+    (C, *S) items or (B, C, *S) batches; cycled until `steps` (see _elements). Items are stacked
+    batch_size at a time. Values in [-1, 1].
+    Step k (0-based): t ~ U{0..T-1}, eps ~ N(0, I) from a generator seeded by (seed, rank, k);
+    loss = diffusion_loss (MSE in the prediction's target space); Adam (lr) after clipping the
+    gradient norm to max_grad_norm (None: no clipping); then the EMA
+        theta_ema <- d theta_ema + (1 - d) theta,   d = min(ema_decay, (1 + k) / (10 + k)),
+    whose warm-up lets a short run's EMA follow the model (d = 0.1 at k = 0, 0.9 at k = 80,
+    0.99 at k = 890; ema_decay = 0.999 from k = 8990 on).
+    CUDA runs under autocast: dtype None picks bfloat16 where supported, else float16 (with a
+    GradScaler); "float32" turns it off. CPU runs in float32.
+
+    out: a folder for checkpoints every checkpoint_every steps and at the end (the newest `keep`
+    kept), history.csv and previews (None: write nothing). resume=True continues from the newest
+    complete checkpoint in out: on CPU the result is bit-identical to an uninterrupted run (a
+    DataLoader's own shuffling must be seeded for that). preview_every: every that many steps,
+    sample the EMA model (preview_steps DDIM steps, fixed noise), write previews/step_N.png and call
+    on_preview(step, x (1, C, *S)). max_minutes stops early (checkpointing) after that much time.
+    Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (nccl on CUDA, gloo
+    on CPU); each rank draws its own data and noise; rank 0 alone writes files.
+    """
+    from tqdm.auto import tqdm
+    prediction, schedule = canonical_prediction(prediction), _schedule(schedule)
+    if steps < 1 or batch_size < 1 or keep < 1 or checkpoint_every < 1:
+        raise ValueError(f"train: steps, batch_size, keep and checkpoint_every must be >= 1, got "
+                         f"{steps}, {batch_size}, {keep}, {checkpoint_every}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device(device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    out = pathlib.Path(out) if out is not None else None
+    ckpt = latest_checkpoint(out) if out is not None else None
+    if resume and out is None:
+        raise ValueError("train: resume=True needs out, the folder of the run to continue")
+    if ckpt is not None and not resume:
+        raise ValueError(f"train: {out} already holds a run (newest checkpoint {ckpt.name}); pass resume=True "
+                         "(CLI: --resume) to continue it, or choose another folder")
+    if dtype in (None, "bfloat16", "bf16") and device.type == "cuda":  # training's default: bfloat16
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    amp = _autocast(device, dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and amp.fast_dtype == torch.float16)
+
+    model.to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    step, position, history, state = 0, 0, [], None
+    if ckpt is not None:
+        meta = load_weights(model, ckpt / "model.safetensors")
+        if meta.get("prediction") != prediction:
+            raise ValueError(f"train: {ckpt} was trained for {meta.get('prediction')!r}, not {prediction!r}")
+        load_weights(ema, ckpt / "ema.safetensors")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        step, position, history = state["step"], state["data_position"], state["history"].tolist()
+    net, rank = model, 0
+    if world > 1:
+        import torch.distributed as dist
+        own_group = not dist.is_initialized()
+        if own_group:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        rank = dist.get_rank()
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if ckpt is None:
+            ema.load_state_dict(model.state_dict())  # rank 0's initial weights, as DDP just broadcast them
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) == world:
+            _set_rng_states(state["rng"][rank])
+        else:
+            warnings.warn(f"train: {ckpt} comes from {len(state['rng'])} process(es), this run has {world}; "
+                          "the global RNG states are not restored", stacklevel=2)
+
+    batches = _batches(_elements(data, seed, rank, world, position), batch_size, getattr(model, "spatial_dims", 3))
+    writes = out is not None and rank == 0
+    if writes:  # checkpoints a killed run left unfinished
+        for unfinished in (out / "checkpoints").glob("step_*.tmp"):
+            shutil.rmtree(unfinished, ignore_errors=True)
+    result = TrainResult(model, ema, history, ckpt if writes else None, out / "history.csv" if writes else None)
+    ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    shape = None
+    bar = tqdm(total=steps, initial=step, desc=f"training ({prediction})", disable=not progress or rank != 0)
+    started = time.perf_counter()
+    while step < steps:
+        x0, used = next(batches)
+        position += used
+        x0 = x0.to(device, torch.float32, non_blocking=True)
+        shape = tuple(x0.shape[1:])
+        generator = torch.Generator().manual_seed(_item_seed(seed, rank, step))
+        with amp:
+            loss = diffusion_loss(net, x0, prediction, schedule, generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for e, p in ema_pairs:
+                e.lerp_(p, 1 - decay) if e.is_floating_point() else e.copy_(p)
+        step += 1
+        loss = loss.detach().float()
+        stop = torch.tensor(float(max_minutes is not None and time.perf_counter() - started > 60 * max_minutes))
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+            dist.broadcast(stop, 0)
+        history.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}")
+        stop = bool(stop) and step < steps
+        if out is not None and (step % checkpoint_every == 0 or step == steps or stop):
+            rng = [_rng_states()]
+            if world > 1:
+                rng = [None] * world
+                dist.all_gather_object(rng, _rng_states())
+            if writes:
+                state = {"step": step, "data_position": position, "seed": seed, "world_size": world,
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "history": torch.tensor(history, dtype=torch.float64), "rng": rng}
+                result.checkpoint = _save_checkpoint(out, step, model, ema, state, keep, prediction=prediction,
+                                                     shape=list(shape[1:]), seed=seed)
+                _write_history(result.history_csv, history)
+            if world > 1:
+                dist.barrier()
+        if preview_every and step % preview_every == 0 and rank == 0 and (writes or on_preview is not None):
+            x = sample(ema, prediction, shape=(1, *shape), steps=preview_steps, schedule=schedule,
+                       generator=torch.Generator().manual_seed(seed), progress=False)
+            if writes:
+                result.previews.append(save_slices_png(x[0, 0], out / "previews" / f"step_{step:06d}.png",
+                                                       title=f"{prediction}, EMA, step {step}"))
+            if on_preview is not None:
+                on_preview(step, x)
+        if stop:
+            break
+    bar.close()
+    if world > 1 and own_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
 # =============================================================================
 # 10. Evaluation
 # =============================================================================
@@ -2410,16 +2721,20 @@ def sampling_panel(models: dict, noise, steps: int = 64, eta: float = 0.0, spaci
 # =============================================================================
 
 def _cmd_sample(args) -> int:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: sample i on rank i % world
     device = _device(args.device)
+    if world > 1 and device.type == "cuda" and args.device is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    meta = {}
     if args.weights:
-        model, meta = load_model(args.weights, device)
+        model, meta = load_model(weights_file(args.weights), device)
         prediction = canonical_prediction(args.prediction or meta.get("prediction") or "")
     else:
         if not args.prediction:
             raise ValueError("sample: give --prediction (pretrained MedForj) or --weights FILE")
         prediction = canonical_prediction(args.prediction)
         model = load_pretrained(prediction, device)
-    shape = tuple(args.shape) if args.shape else IMAGE_SHAPE
+    shape = tuple(args.shape) if args.shape else tuple(json.loads(meta["shape"])) if "shape" in meta else IMAGE_SHAPE
     steps = timestep_pairs(args.steps, args.spacing)  # validate before any work
     outputs = ([pathlib.Path(args.out)] if args.n == 1 and not args.out_dir else
                [pathlib.Path(args.out_dir or ".") / f"sample_{prediction}_{args.seed + i:04d}.nii.gz" for i in range(args.n)])
@@ -2429,10 +2744,12 @@ def _cmd_sample(args) -> int:
     print(f"sampling {len(outputs)} x {shape} with the {prediction} model on {device}, "
           f"{len(steps)} {args.spacing} steps, eta {args.eta}")
     for i, path in enumerate(outputs):
+        if i % world != rank:
+            continue
         start = time.perf_counter()
 
         def eta_after_first(step, t, x_t, x0_hat):
-            if step == 0 and i == 0:
+            if step == 0 and i == rank:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 first = time.perf_counter() - start
@@ -2449,10 +2766,12 @@ def _cmd_sample(args) -> int:
 
 def _sample_parser(sub):
     p = sub.add_parser("sample", help="generate volumes with a pretrained or trained model",
-                       description="Generate volumes with DDIM; writes NIfTI (LPS, 1 mm, uint16) and a PNG of three slices.")
+                       description="Generate volumes with DDIM; writes NIfTI (LPS, 1 mm, uint16) and a PNG of three slices. "
+                                   "Under torchrun, sample i is made by rank i % WORLD_SIZE.")
     p.add_argument("--prediction", help=f"pretrained MedForj model to fetch ({', '.join(PREDICTIONS)}; aliases accepted),"
                    " or the prediction of --weights if its metadata lacks it")
-    p.add_argument("--weights", help="a .safetensors/.pt file instead of the pretrained model (ddpm-mini metadata gives its U-Net)")
+    p.add_argument("--weights", help="a .safetensors/.pt file instead of the pretrained model (ddpm-mini metadata gives its "
+                   "U-Net and training size), or a train output or checkpoint folder (its EMA weights)")
     p.add_argument("--steps", type=int, default=64, help="DDIM steps (default 64)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default)")
     p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep grid (default linspace)")
@@ -2461,10 +2780,156 @@ def _sample_parser(sub):
     p.add_argument("--out", default="sample.nii.gz", help="output file for a single sample")
     p.add_argument("--out-dir", help="folder for sample_<prediction>_<seed>.nii.gz (+ .png) files")
     p.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
-                   help=f"volume size (default {IMAGE_SHAPE}, the published models' grid)")
+                   help=f"volume size (default: the size --weights was trained at, else {IMAGE_SHAPE}, the published grid)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help="CUDA precision (default float16 autocast; CPU always float32)")
+
+
+def _cmd_train(args) -> int:
+    out = pathlib.Path(args.out)
+    if args.phantoms == bool(args.data):
+        raise ValueError("train: give --phantoms or --data DIR (one of them)")
+    if args.phantoms:
+        data = PhantomDataset(shape=tuple(args.size or (48, 56, 48)), seed=args.seed)
+    else:
+        data = VolumeDataset(args.data, size=args.size, augment=args.augment, seed=args.seed)
+    ckpt = latest_checkpoint(out) if args.resume else None
+    torch.manual_seed(args.seed)  # the U-Net's initial weights
+    model = UNet(**(load_model(ckpt / "model.safetensors", "cpu")[1]["unet"] if ckpt else
+                    {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}[args.unet]),
+                 gradient_checkpointing=args.gradient_checkpointing)
+    print(f"training a {args.unet if not ckpt else 'resumed'} U-Net ({sum(p.numel() for p in model.parameters()):,} "
+          f"parameters) for {args.prediction} into {out}" + (f", from {ckpt.name}" if ckpt else ""))
+    result = train(model, data, args.prediction, args.steps, batch_size=args.batch_size, lr=args.lr,
+                   ema_decay=args.ema_decay, out=out, checkpoint_every=args.checkpoint_every, keep=args.keep,
+                   resume=args.resume, seed=args.seed, preview_every=args.preview_every,
+                   max_minutes=args.minutes, device=args.device, dtype=args.dtype)
+    if result.history:
+        print(f"step {len(result.history)}: loss (mean of the last 20 steps) {np.mean(result.history[-20:]):.4f}")
+    print(f"checkpoint {result.checkpoint}; losses in {result.history_csv}; "
+          f"sample with: python ddpm_mini.py sample --weights {out} --n 4 --out-dir {out / 'samples'}")
+    return 0
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="train a U-Net on phantoms or a folder of NIfTI volumes",
+                       description="Train with the paper's recipe (Adam, MSE in the prediction's target space) and an "
+                                   "EMA copy; checkpoints, history.csv and previews go to --out. Under torchrun "
+                                   "(WORLD_SIZE > 1) it trains with DistributedDataParallel; rank 0 writes the files.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--phantoms", action="store_true", help="endless synthetic phantoms (phantom(seed + i))")
+    source.add_argument("--data", metavar="DIR", help="a folder of preprocessed NIfTI volumes (see preprocess)")
+    p.add_argument("--prediction", required=True, help=f"what the U-Net predicts: {', '.join(PREDICTIONS)}")
+    p.add_argument("--size", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="volume size (phantoms default 48 56 48; --data default: the files' own)")
+    p.add_argument("--augment", action="store_true", help="with --data: random flip and small affine (augment)")
+    p.add_argument("--unet", choices=("teaching", "medforj"), default="teaching",
+                   help="TEACHING_UNET (default; CPU-sized) or MEDFORJ_UNET (the paper's; needs a GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
+    p.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this much training time")
+    p.add_argument("--batch-size", type=int, default=2, help="volumes per step and process (default 2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay after warm-up (default 0.999)")
+    p.add_argument("--out", default="run", help="output folder (default ./run)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--preview-every", type=int, default=0, help="write previews/step_N.png every N steps (0: never)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and noise (default 0)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="CUDA autocast (default bfloat16 where supported, else float16); CPU is float32")
+
+
+def _cmd_fetch(args) -> int:
+    if args.list:
+        rows = read_manifest().values()
+        size = lambda r: f"{int(r['size']) / 1e6:.1f} MB" if r.get("size", "").isdigit() else "?"  # noqa: E731
+        table = [("name", "kind", "group", "size", "verified", "licence")] + [
+            (r["name"], r.get("kind", ""), r.get("group", ""), size(r), r.get("verified", ""), r.get("license", ""))
+            for r in rows]
+        widths = [max(len(row[c]) for row in table) for c in range(5)]
+        for row in table:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[5])
+    elif args.group and not args.name:
+        for path in fetch_group(args.group):
+            print(path)
+    elif args.name and not args.group:
+        print(fetch(args.name))
+    else:
+        raise ValueError("fetch: give one of NAME, --group G or --list")
+    return 0
+
+
+def _fetch_parser(sub):
+    p = sub.add_parser("fetch", help="download assets listed in data_manifest.csv (weights, volumes, templates)",
+                       description="Download a manifest asset into the cache ($DDPM_MINI_CACHE) and print its path; "
+                                   "hashes are checked where the manifest has them. $DDPM_MINI_MIRROR: a folder or URL "
+                                   "holding the same file names.")
+    p.add_argument("name", nargs="?", help="asset name (see --list)")
+    p.add_argument("--group", help="fetch every asset of this manifest group (e.g. medforj)")
+    p.add_argument("--list", action="store_true", help="list the assets: name, kind, group, size, verified, licence")
+
+
+def _nearest_intensity_labels(image) -> np.ndarray:
+    """Stand-in for section 10's segment_phantom (the lead removes it once merged): each voxel of a
+    phantom-like image (D, H, W) in [-1, 1] gets the label whose PHANTOM_INTENSITIES mean is nearest;
+    labels sharing a mean go to the lowest number (csf takes the ventricles, left_* the right_*)."""
+    means = torch.tensor([PHANTOM_INTENSITIES[k] for k in sorted(PHANTOM_INTENSITIES)])
+    x = torch.as_tensor(np.asarray(image, np.float32))
+    return (x[..., None] - means).abs().argmin(-1).numpy().astype(np.uint8)  # ties: the first (lowest) label
+
+
+def _cmd_demo(args) -> int:
+    out, size = pathlib.Path(args.out), tuple(args.size)
+    segment, lut = globals().get("segment_phantom"), np.arange(len(PHANTOM_LABELS))
+    if segment is None:  # the stand-in merges labels that share an intensity: merge the truth alike
+        segment = _nearest_intensity_labels
+        lut = np.array([min(j for j, v in PHANTOM_INTENSITIES.items() if v == PHANTOM_INTENSITIES[k]) for k in lut])
+    print(f"demo: training TEACHING_UNET ({args.prediction}) on {size} phantoms for up to {args.minutes} min "
+          f"on the CPU into {out} (run it again to train further)")
+    torch.manual_seed(args.seed)
+    result = train(UNet(**TEACHING_UNET), PhantomDataset(shape=size, seed=args.seed), args.prediction, args.steps,
+                   batch_size=args.batch_size, lr=args.lr, out=out, checkpoint_every=args.steps, resume=True,
+                   seed=args.seed, max_minutes=args.minutes, device="cpu")
+    print(f"trained {len(result.history)} steps; sampling {args.n} volumes ({args.sample_steps} DDIM steps)")
+    x = sample(result.ema, args.prediction, shape=(args.n, 1, *size), steps=args.sample_steps,
+               generator=torch.Generator().manual_seed(args.seed))
+    volumes = []
+    for i, v in enumerate(x[:, 0]):
+        path = save_nifti(v, out / "samples" / f"demo_{i}.nii.gz")
+        save_slices_png(v, path.with_name(f"demo_{i}.png"), title=f"demo sample {i} ({args.prediction})")
+        volumes.append(phantom_volumes(segment(v.numpy())))
+    truth = [phantom_volumes(lut[phantom(10_000 + i, size)[1]]) for i in range(8)]
+    print(f"wrote {args.n} samples (NIfTI + PNG) to {out / 'samples'}; tissue volumes (mL) by {segment.__name__}:")
+    print(f"{'structure':36s} {'phantoms (8, truth)':>18s} {f'samples ({args.n})':>18s}")
+    for k, name in PHANTOM_LABELS.items():
+        if k and lut[k] == k:
+            t, s = (np.array([v[name] for v in vs]) / 1000 for vs in (truth, volumes))
+            name = " + ".join(PHANTOM_LABELS[j] for j in np.flatnonzero(lut == k))
+            print(f"{name:36s} {t.mean():9.1f} ± {t.std():6.1f} {s.mean():9.1f} ± {s.std():6.1f}")
+    return 0
+
+
+def _demo_parser(sub):
+    p = sub.add_parser("demo", help="train a small model on phantoms for a few minutes on the CPU, sample, compare volumes",
+                       description="The offline first run: train TEACHING_UNET on synthetic phantoms for --minutes on "
+                                   "the CPU (running it again continues the run in --out), sample --n volumes (NIfTI "
+                                   "+ PNG) and print their tissue volumes next to the phantoms'.")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    p.add_argument("--prediction", default="flow", help="noise, sample, velocity or flow (default flow)")
+    p.add_argument("--n", type=int, default=4, help="samples to draw (default 4)")
+    p.add_argument("--out", default="demo", help="output folder (default ./demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    advanced = p.add_argument_group("advanced (tests, tuning)")
+    advanced.add_argument("--size", type=int, nargs=3, default=(48, 56, 48), metavar=("D", "H", "W"),
+                          help="phantom size (default 48 56 48; multiples of 4)")
+    advanced.add_argument("--steps", type=int, default=100_000, help="training steps cap, over all runs (default 100000)")
+    advanced.add_argument("--batch-size", type=int, default=2, help="volumes per step (default 2)")
+    advanced.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3: short runs)")
+    advanced.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample (default 50)")
 
 
 def _preprocess_parser(subparsers):
@@ -2555,8 +3020,9 @@ def _build_parser():
     return parser
 
 
-_COMMANDS = [("sample", _sample_parser, _cmd_sample), ("preprocess", _preprocess_parser, _cmd_preprocess),
-             ("evaluate", _evaluate_parser, _cmd_evaluate)]
+_COMMANDS = [("demo", _demo_parser, _cmd_demo), ("train", _train_parser, _cmd_train),
+             ("sample", _sample_parser, _cmd_sample), ("fetch", _fetch_parser, _cmd_fetch),
+             ("preprocess", _preprocess_parser, _cmd_preprocess), ("evaluate", _evaluate_parser, _cmd_evaluate)]
 
 
 def main(argv=None) -> int:
