@@ -206,6 +206,9 @@ def smoke_env(request, tmp_path, monkeypatch):
         "DDPM_MINI_DATA": str(tmp_path / "data"),
         "MPLBACKEND": "Agg",
         "CUDA_VISIBLE_DEVICES": "",              # smoke mode is a CPU run
+        # one thread unless told otherwise: on a small shared CI box, OpenMP threads that wait
+        # for a busy core slow torch down many times over
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         # a closed loopback port: any fetch a notebook makes without a mirror fails at once
         "DDPM_MINI_MIRROR": "http://127.0.0.1:9",
