@@ -2326,7 +2326,7 @@ def _redraw(out, draw, figsize) -> None:
 def view(volume, title=None):
     """Interactive viewer: one slider per plane over the three orthogonal slices (ipywidgets).
 
-    volume: anything _as_volume takes, e.g. a (1, 1, D, H, W) sample or a NIfTI path.
+    volume: (D, H, W) array or tensor, a (1, 1, D, H, W) sample, a NIfTI path or nibabel image.
     Returns the widget, which a notebook shows as a cell's last value (or pass it to
     IPython's display()). Where widgets are unavailable (plain Python, no ipywidgets) it
     returns a static matplotlib Figure of the planes through the centre instead.
@@ -2377,7 +2377,7 @@ def show_volumes(volumes: dict, index=None, title=None, fig=None):
     its own grey range. Returns the matplotlib Figure (rows x 3).
     """
     fig = _new_figure(fig, (9, 3 * len(volumes)))
-    axes = np.atleast_2d(fig.subplots(len(volumes), 3, squeeze=False))
+    axes = fig.subplots(len(volumes), 3, squeeze=False)
     for row, (name, volume) in zip(axes, volumes.items()):
         v, _ = _as_volume(volume, f"volume {name!r}")
         for ax, (plane, image) in zip(row, orthogonal_slices(v, index).items()):
