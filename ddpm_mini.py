@@ -1812,39 +1812,40 @@ def merge_left_right(table: dict) -> dict:
 # --- Phantom segmentation ------------------------------------------------------------------
 
 
-def _grow6(r: torch.Tensor) -> torch.Tensor:
+def _grow6(r: np.ndarray) -> np.ndarray:
     """One step of 6-connected dilation of a bool volume (X, Y, Z)."""
-    g = r.clone()
+    g = r.copy()
     for ax in range(3):
-        n = r.shape[ax]
-        g.narrow(ax, 1, n - 1).logical_or_(r.narrow(ax, 0, n - 1))
-        g.narrow(ax, 0, n - 1).logical_or_(r.narrow(ax, 1, n - 1))
+        gv, rv = np.moveaxis(g, ax, 0), np.moveaxis(r, ax, 0)                 # views: writes reach g
+        gv[1:] |= rv[:-1]
+        gv[:-1] |= rv[1:]
     return g
 
 
-def _flood(mask: torch.Tensor, seeds: torch.Tensor, rival=None) -> torch.Tensor:
+def _flood(mask: np.ndarray, seeds: np.ndarray, rival=None) -> np.ndarray:
     """The voxels of mask 6-connected (within mask) to seeds: bool (X, Y, Z). With rival seeds,
     both fronts grow a voxel per step and each voxel goes to the first to reach it (ties: seeds)."""
-    a, b = seeds & mask, (torch.zeros_like(mask) if rival is None else rival & mask & ~seeds)
+    a, b = seeds & mask, (np.zeros_like(mask) if rival is None else rival & mask & ~seeds)
     while True:
         a_next = _grow6(a) & mask & ~b
         b_next = _grow6(b) & mask & ~a_next
-        if torch.equal(a_next, a) and torch.equal(b_next, b):
+        if np.array_equal(a_next, a) and np.array_equal(b_next, b):
             return a
         a, b = a_next, b_next
 
 
-def _despeckle(labels: torch.Tensor, n_labels: int, min_same=3, rounds=2) -> torch.Tensor:
+def _despeckle(labels: np.ndarray, n_labels: int, min_same=3, rounds=2) -> np.ndarray:
     """Give each voxel that shares its label with fewer than min_same of its 26 neighbours the
     neighbours' most common label: isolated noise goes, 1-voxel-thin sheets (8 neighbours) stay."""
     n = labels.shape
     offsets = [(i, j, k) for i in range(3) for j in range(3) for k in range(3) if (i, j, k) != (1, 1, 1)]
     for _ in range(rounds):
-        padded = F.pad(labels + 1, (1, 1) * 3)                                     # 0 off the grid
+        padded = np.pad(labels.astype(np.int16) + 1, 1)                            # 0 off the grid
         nbrs = [padded[i:i + n[0], j:j + n[1], k:k + n[2]] for i, j, k in offsets]  # 26 views
-        odd = sum(v.eq(labels + 1) for v in nbrs) < min_same
-        votes = F.one_hot(torch.stack([v[odd] for v in nbrs], 1), n_labels + 1)[..., 1:].sum(1)  # (m, K)
-        labels = labels.masked_scatter(odd, votes.argmax(1))
+        odd = sum((v == padded[1:-1, 1:-1, 1:-1]).astype(np.uint8) for v in nbrs) < min_same
+        votes = np.stack([v[odd] for v in nbrs], 1)[..., None] == np.arange(1, n_labels + 1)  # (m, 26, K)
+        labels = labels.copy()
+        labels[odd] = votes.sum(1).argmax(1)
     return labels
 
 
@@ -1864,64 +1865,70 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
        and per-axis spread (a solid ellipsoid of semi-axes a has sd a / sqrt(5)); CSF that
        a flood from the skull reaches before a flood from the CSF inside the phantom's mean
        ventricles (x 1.5) is CSF, the rest ventricles; isolated voxels are despeckled;
-    4. deep gray -> thalamus / putamen, left / right: 4-means of the positions, started at
-       the phantom's centres (thalamus medial-posterior, putamen lateral-anterior; axis 0
-       grows to the subject's left, axis 1 to posterior).
+    4. deep gray -> thalamus / putamen, left / right: each voxel goes to the structure of
+       smallest ellipsoidal radius |(p - c_k) / a_k| (a_k the phantom's semi-axes), the c_k
+       started at the phantom's centres (thalamus medial-posterior, putamen lateral-anterior;
+       axis 0 grows to the subject's left, axis 1 to posterior) and moved to the cluster means.
+    Plain numpy: many small whole-volume steps, which thread pools only slow down.
     """
-    x = torch.as_tensor(image if torch.is_tensor(image) else np.asarray(image, np.float32)).float().cpu()
+    x = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
     if x.ndim != 3:
         raise ValueError(f"segment_phantom needs one volume (X, Y, Z), got shape {tuple(x.shape)}")
-    s = (x.clamp(-1, 1) + 1) / 2                                                  # signal >= 0
-    means = torch.tensor([(PHANTOM_INTENSITIES[k] + 1) / 2 for k in range(len(PHANTOM_LABELS))])
-    inner, fit = torch.tensor([2, 3, 4, 5, 7, 9]), torch.tensor([1, 3, 4, 5])
-    gaps = (means[:, None] - means).abs()
-    half_gap = torch.where(gaps > 1e-6, gaps, torch.inf).min(1).values / 2       # (K,)
+    s = (np.clip(x.astype(np.float32), -1, 1) + 1) / 2                          # signal >= 0
+    means = np.array([(PHANTOM_INTENSITIES[k] + 1) / 2 for k in range(len(PHANTOM_LABELS))])
+    fit = np.array([1, 3, 4, 5])                                                 # scalp, CSF, cortex, WM
+    inner = np.array(sorted((2, 3, 4, 5, 7, 9), key=lambda k: means[k]))        # skull ... WM, by mean
+    cuts = (means[inner][1:] + means[inner][:-1]) / 2                            # nearest mean = bin
+    classify = lambda r: inner[np.searchsorted(cuts, r)]                         # noqa: E731
+    gaps = np.abs(means[:, None] - means)
+    half_gap = np.where(gaps > 1e-6, gaps, np.inf).min(1) / 2                    # (K,)
 
     dark = s < (means[3] + means[4]) / 2                                         # 1. topology
-    border = torch.ones_like(dark)
+    border = np.ones_like(dark)
     border[1:-1, 1:-1, 1:-1] = False
     background = _flood(dark, border)
     scalp = _flood(~dark | background, background) & ~background
-    classify = lambda r: inner[(r[..., None] - means[inner]).abs().argmin(-1)]   # noqa: E731
 
-    g = [torch.linspace(-1, 1, n).view([-1 if i == ax else 1 for i in range(3)]) for ax, n in enumerate(x.shape)]
-    terms = [torch.ones(1, 1, 1), *g, *(gi * gj for i, gi in enumerate(g) for gj in g[i:])]  # 2. bias field
-    step = max(1, round((x.numel() / 2e5) ** (1 / 3)))                           # fit on <= ~2e5 voxels
-    sub = lambda v: v.expand(x.shape)[::step, ::step, ::step].reshape(-1)       # noqa: E731
-    sub_t, sub_s = torch.stack([sub(t) for t in terms]), sub(s)                 # (10, n), (n,)
-    beta = torch.eye(10)[0]
-    for _ in range(n_iter):
-        r = sub_s / (beta @ sub_t).clamp_min(0.05)
-        cls = torch.where(sub(scalp), 1, classify(r))
-        use = torch.isin(cls, fit) & ~sub(background) & ((r - means[cls]).abs() < half_gap[cls])
-        design = (means[cls[use]] * sub_t[:, use]).T.double()                  # (n, 10)
-        beta = torch.linalg.lstsq(design, sub_s[use, None].double()).solution[:, 0].float()
-    bias = sum(b * t for b, t in zip(beta, terms)).clamp_min(0.05)             # B(x), (X, Y, Z)
-    labels = torch.where(scalp, 1, classify(s / bias))
+    g = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in x.shape], indexing="ij", sparse=True)
+    terms = [np.ones((1, 1, 1), np.float32), *g, *(gi * gj for i, gi in enumerate(g) for gj in g[i:])]  # 2. bias
+    step = max(1, round((x.size / 2e5) ** (1 / 3)))                             # fit on <= ~2e5 voxels
+    sub = lambda v: np.broadcast_to(v, x.shape)[::step, ::step, ::step].ravel()  # noqa: E731
+    sub_t, sub_s = np.stack([sub(t) for t in terms]).astype(np.float64), sub(s)  # (10, n), (n,)
+    beta = np.eye(10)[0]
+    for _ in range(n_iter):    # (einsum, not BLAS: threaded BLAS crawls on a busy machine)
+        r = sub_s / np.maximum(np.einsum("j,jn->n", beta, sub_t), 0.05)
+        cls = np.where(sub(scalp), 1, classify(r))
+        use = np.isin(cls, fit) & ~sub(background) & (np.abs(r - means[cls]) < half_gap[cls])
+        design = means[cls[use]] * sub_t[:, use]                                 # (10, n)
+        beta = np.linalg.solve(np.einsum("in,jn->ij", design, design), np.einsum("in,n->i", design, sub_s[use]))
+    bias = np.maximum(sum(b * t for b, t in zip(beta.astype(np.float32), terms)), 0.05)  # B(x), (X, Y, Z)
+    labels = np.where(scalp, 1, classify(s / bias)).astype(np.uint8)
     labels[background] = 0
+    if background.sum() > background.size - 2:                                  # no head at all
+        return labels
 
-    head = (~background).nonzero().float()                                      # 3. head frame, CSF
-    centre, scale = head.mean(0), torch.tensor(_HEAD_SEMI / 5 ** 0.5, dtype=torch.float32) / head.std(0)
-    mm = lambda m: (m.nonzero().float() - centre) * scale                        # noqa: E731 (n, 3)
-    side = torch.tensor([[1.0, 1, 1], [-1, 1, 1]])                               # left, mirrored right
+    head = np.argwhere(~background)                                              # 3. head frame, CSF
+    centre, scale = head.mean(0), _HEAD_SEMI / 5 ** 0.5 / head.std(0)
+    mm = lambda m: (np.argwhere(m) - centre) * scale                             # noqa: E731 (n, 3)
+    side = np.array([[1.0, 1, 1], [-1, 1, 1]])                                   # left, mirrored right
     rho2 = lambda p, c, a: (((p[:, None] - c) / a) ** 2).sum(-1)                 # noqa: E731 (n, k)
-    csf, skull = labels.eq(3), labels.eq(2)
-    seeds = torch.zeros_like(csf)           # CSF within 1.5 x the mean ventricles: sulci never get this deep
-    near = rho2(mm(csf), torch.tensor(_VENTRICLE[0]).float() * side, torch.tensor(_VENTRICLE[1])).min(1).values
-    seeds[tuple(csf.nonzero()[near <= 1.5 ** 2].T)] = True
+    csf, skull = labels == 3, labels == 2
+    seeds = np.zeros_like(csf)              # CSF within 1.5 x the mean ventricles: sulci never get this deep
+    near = rho2(mm(csf), np.multiply(_VENTRICLE[0], side), np.array(_VENTRICLE[1])).min(1, initial=np.inf)
+    seeds[tuple(np.argwhere(csf)[near <= 1.5 ** 2].T)] = True
     labels[csf & ~_flood(csf | skull, skull, rival=seeds)] = 6
-    labels[labels.eq(9)] = 7
+    labels[labels == 9] = 7                                                      # deep gray: one class here
     labels = _despeckle(labels, len(PHANTOM_LABELS))
 
-    gray = labels.eq(7)                                                          # 4. deep gray
+    gray = labels == 7                                                           # 4. deep gray
     pts = mm(gray)
-    centres = torch.cat([torch.tensor(_THALAMUS[0]).float() * side, torch.tensor(_PUTAMEN[0]).float() * side])
-    semi = torch.tensor([_THALAMUS[1]] * 2 + [_PUTAMEN[1]] * 2).float()
+    centres = np.concatenate([np.multiply(_THALAMUS[0], side), np.multiply(_PUTAMEN[0], side)])
+    semi = np.array([_THALAMUS[1]] * 2 + [_PUTAMEN[1]] * 2)
     for _ in range(10):        # nearest by ellipsoidal radius |(p - c_k) / a_k|, c_k the cluster means
         near = rho2(pts, centres, semi).argmin(1)
-        centres = torch.stack([pts[near == k].mean(0) if (near == k).any() else centres[k] for k in range(4)])
-    labels[gray] = torch.tensor([7, 8, 9, 10])[near]
-    return labels.numpy().astype(np.uint8)
+        centres = np.stack([pts[near == k].mean(0) if (near == k).any() else centres[k] for k in range(4)])
+    labels[gray] = np.array([7, 8, 9, 10], np.uint8)[near]
+    return labels
 
 
 def dice(a, b, labels=None) -> dict:
@@ -1933,9 +1940,12 @@ def dice(a, b, labels=None) -> dict:
     a, b = (np.asarray(v.cpu() if torch.is_tensor(v) else v).astype(np.int64) for v in (a, b))
     if a.shape != b.shape:
         raise ValueError(f"dice needs label maps of one shape, got {a.shape} and {b.shape}")
-    labels = PHANTOM_LABELS if labels is None else labels
-    return {name: float(2 * np.sum((a == k) & (b == k)) / d) if (d := np.sum(a == k) + np.sum(b == k)) else math.nan
-            for k, name in labels.items() if k != 0}
+    out = {}
+    for k, name in (PHANTOM_LABELS if labels is None else labels).items():
+        if k != 0:
+            size = np.sum(a == k) + np.sum(b == k)
+            out[name] = float(2 * np.sum((a == k) & (b == k)) / size) if size else math.nan
+    return out
 
 
 def regional_volumes(maps, voxel_mm=None, merge_lr=False, **segment_kw) -> dict:
@@ -2962,6 +2972,8 @@ def _cmd_preprocess(args) -> int:
           f"({', '.join(f'{v:.1f}' for v in landed)}); grid centre ({', '.join(f'{v:.1f}' for v in grid_centre)})")
     return 0
 
+# --- end of the preprocess subcommand block ------------------------------------------------------
+
 
 # --- evaluate subcommand (section 10's); _COMMANDS below wires these two into main's parser ----------
 
@@ -3007,6 +3019,8 @@ def _cmd_evaluate(args) -> int:
         print("  ".join(f"{r[c]:>14.6g}" if isinstance(r[c], float) else f"{str(r[c]):>14}" for c in cols))
     print(f"wrote {report['csv']} and {report['figure']}")
     return 0
+
+# --- end of the evaluate subcommand block --------------------------------------------------------
 
 
 def _build_parser():

@@ -333,15 +333,16 @@ def test_cli_on_synthseg_csvs(tmp_path, capsys):
 # Phantom segmentation, Dice, regional volumes (phantom from section 8)
 # ---------------------------------------------------------------------------
 #
-# Measured (segment_phantom against the true labels, Dice min over 100 seeds each of
-# 64^3 raw images and of 48x56x48 images saved as uint16 NIfTI and reloaded with
-# to_model): scalp, skull, CSF, cortex, white matter >= 0.999; ventricles 0.985;
-# thalami 0.991; putamina 0.987 (means >= 0.998). Volumes of thalamus/putamen within
-# 2.6 %. With extreme draws (atrophy 1, ventricle_scale 1.4, bias 0.2, noise 0.04; 20
-# seeds): ventricles 0.961, putamina 0.983. Thresholds below sit a margin under these.
-TISSUE_MIN = 0.99     # scalp, skull, csf, cortex, white_matter (worst seen 0.999)
-VENTRICLES_MIN = 0.95  # worst seen 0.985 (0.961 with extreme draws)
-DEEP_MIN = 0.95       # thalami and putamina (worst seen 0.987)
+# Measured (segment_phantom against the true labels, Dice minimum over 100 seeds of 64^3
+# raw images, 100 seeds of 48x56x48 images saved as uint16 NIfTI and reloaded with to_model,
+# and 300 seeds of raw 48x56x48): scalp, skull, CSF, cortex, white matter >= 0.999;
+# ventricles 0.957; thalami 0.990; putamina 0.977 (means >= 0.998). Thalamus and putamen
+# volumes within 2.6 % (64^3 and round trip). Extreme draws (atrophy 1, ventricle_scale
+# 1.4-1.5, bias 0.2, noise 0.04, 20-30 seeds): ventricles 0.942, putamina 0.978.
+# The thresholds sit a margin under these worst cases.
+TISSUE_MIN = 0.99      # scalp, skull, csf, cortex, white_matter (worst seen 0.999)
+VENTRICLES_MIN = 0.90  # worst seen 0.957 (0.942 with extreme draws)
+DEEP_MIN = 0.95        # thalami and putamina (worst seen 0.977)
 DEEP = ("left_thalamus", "right_thalamus", "left_putamen", "right_putamen")
 
 
@@ -350,11 +351,11 @@ def phantom_affine(shape):
     return np.diag([-v[0], -v[1], v[2], 1.0])
 
 
-def check_dice(seg, lab, ventricles_min=VENTRICLES_MIN):
+def check_dice(seg, lab):
     d = dm.dice(seg, lab)
     assert list(d) == [dm.PHANTOM_LABELS[k] for k in range(1, 11)]
     for name, value in d.items():
-        low = DEEP_MIN if name in DEEP else ventricles_min if name == "lateral_ventricles" else TISSUE_MIN
+        low = DEEP_MIN if name in DEEP else VENTRICLES_MIN if name == "lateral_ventricles" else TISSUE_MIN
         assert value >= low, (name, value, low)
     return d
 
@@ -379,7 +380,7 @@ def test_segment_phantom_raw_extreme_and_sides():
     seg = dm.segment_phantom(image)
     check_dice(seg, lab)
     hard_image, hard_lab = dm.phantom(0, atrophy=1.0, ventricle_scale=1.4, bias_amplitude=0.2, noise_sd=0.04)
-    check_dice(dm.segment_phantom(hard_image), hard_lab, ventricles_min=0.92)
+    check_dice(dm.segment_phantom(hard_image), hard_lab)
     # LPS arrays: axis 0 grows to the subject's left, so left structures sit at larger indices
     x = {k: np.argwhere(seg == k)[:, 0].mean() for k in (7, 8, 9, 10)}
     assert x[7] > x[8] and x[9] > x[10]
