@@ -1384,8 +1384,9 @@ import dataclasses
 import random
 import shutil
 
-#: A U-Net that learns 48 x 56 x 48 phantoms on a 2-core CPU (TEACHING_PARAMS parameters):
-#: MEDFORJ_UNET's layout cut to three levels, attention only at the bottom (12 x 14 x 12 tokens).
+#: A U-Net sized for 48 x 56 x 48 phantoms on a CPU (1,802,481 parameters; 4% of MEDFORJ_UNET):
+#: its layout cut to three levels, attention only at the bottom (12 x 14 x 12 tokens at that size).
+#: Speed and learning curve on a 2-core CPU: tests/bench_train.py.
 TEACHING_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(16, 32, 64),
                      attention_levels=(False, False, True), num_res_blocks=1, num_head_channels=16,
                      norm_num_groups=8)
@@ -1583,7 +1584,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     if ckpt is not None and not resume:
         raise ValueError(f"train: {out} already holds a run (newest checkpoint {ckpt.name}); pass resume=True "
                          "(CLI: --resume) to continue it, or choose another folder")
-    if dtype in (None, "bfloat16", "bf16") and device.type == "cuda":  # training's default: bfloat16
+    if dtype is None and device.type == "cuda":  # training's default: bfloat16 where supported
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     amp = _autocast(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and amp.fast_dtype == torch.float16)
@@ -1648,10 +1649,14 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
             for e, p in ema_pairs:
-                e.lerp_(p, 1 - decay) if e.is_floating_point() else e.copy_(p)
+                if e.is_floating_point():
+                    e.lerp_(p, 1 - decay)
+                else:
+                    e.copy_(p)
         step += 1
         loss = loss.detach().float()
-        stop = torch.tensor(float(max_minutes is not None and time.perf_counter() - started > 60 * max_minutes))
+        stop = torch.tensor(float(max_minutes is not None and time.perf_counter() - started > 60 * max_minutes),
+                            device=loss.device)  # rank 0's clock decides for all
         if world > 1:
             dist.all_reduce(loss)
             loss /= world
@@ -2809,7 +2814,7 @@ def _cmd_train(args) -> int:
     model = UNet(**(load_model(ckpt / "model.safetensors", "cpu")[1]["unet"] if ckpt else
                     {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}[args.unet]),
                  gradient_checkpointing=args.gradient_checkpointing)
-    print(f"training a {args.unet if not ckpt else 'resumed'} U-Net ({sum(p.numel() for p in model.parameters()):,} "
+    print(f"training a {'resumed' if ckpt else args.unet} U-Net ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters) for {args.prediction} into {out}" + (f", from {ckpt.name}" if ckpt else ""))
     result = train(model, data, args.prediction, args.steps, batch_size=args.batch_size, lr=args.lr,
                    ema_decay=args.ema_decay, out=out, checkpoint_every=args.checkpoint_every, keep=args.keep,
@@ -2899,14 +2904,14 @@ def _cmd_demo(args) -> int:
         segment = _nearest_intensity_labels
         lut = np.array([min(j for j, v in PHANTOM_INTENSITIES.items() if v == PHANTOM_INTENSITIES[k]) for k in lut])
     print(f"demo: training TEACHING_UNET ({args.prediction}) on {size} phantoms for up to {args.minutes} min "
-          f"on the CPU into {out} (run it again to train further)")
+          f"on {_device()} into {out} (run it again to train further)")
     torch.manual_seed(args.seed)
     result = train(UNet(**TEACHING_UNET), PhantomDataset(shape=size, seed=args.seed), args.prediction, args.steps,
                    batch_size=args.batch_size, lr=args.lr, out=out, checkpoint_every=args.steps, resume=True,
-                   seed=args.seed, max_minutes=args.minutes, device="cpu")
+                   seed=args.seed, max_minutes=args.minutes)
     print(f"trained {len(result.history)} steps; sampling {args.n} volumes ({args.sample_steps} DDIM steps)")
     x = sample(result.ema, args.prediction, shape=(args.n, 1, *size), steps=args.sample_steps,
-               generator=torch.Generator().manual_seed(args.seed))
+               generator=torch.Generator().manual_seed(args.seed)).cpu()
     volumes = []
     for i, v in enumerate(x[:, 0]):
         path = save_nifti(v, out / "samples" / f"demo_{i}.nii.gz")
@@ -2924,10 +2929,10 @@ def _cmd_demo(args) -> int:
 
 
 def _demo_parser(sub):
-    p = sub.add_parser("demo", help="train a small model on phantoms for a few minutes on the CPU, sample, compare volumes",
-                       description="The offline first run: train TEACHING_UNET on synthetic phantoms for --minutes on "
-                                   "the CPU (running it again continues the run in --out), sample --n volumes (NIfTI "
-                                   "+ PNG) and print their tissue volumes next to the phantoms'.")
+    p = sub.add_parser("demo", help="train a small model on phantoms for a few minutes (a CPU will do), sample, compare volumes",
+                       description="The offline first run: train TEACHING_UNET on synthetic phantoms for --minutes "
+                                   "(CUDA when available, else the CPU; running it again continues the run in --out), "
+                                   "sample --n volumes (NIfTI + PNG) and print their tissue volumes next to the phantoms'.")
     p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
     p.add_argument("--prediction", default="flow", help="noise, sample, velocity or flow (default flow)")
     p.add_argument("--n", type=int, default=4, help="samples to draw (default 4)")
@@ -2939,7 +2944,7 @@ def _demo_parser(sub):
     advanced.add_argument("--steps", type=int, default=100_000, help="training steps cap, over all runs (default 100000)")
     advanced.add_argument("--batch-size", type=int, default=2, help="volumes per step (default 2)")
     advanced.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3: short runs)")
-    advanced.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample (default 50)")
+    advanced.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sample (default 25)")
 
 
 def _preprocess_parser(subparsers):

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import nibabel as nib
 import numpy as np
@@ -116,7 +115,9 @@ def test_resume_is_bit_identical(tmp_path, kind):
 
 
 def test_checkpoint_contents(tmp_path):
-    result = run(tmp_path, 2, preview_every=2, preview_steps=2)
+    previews = []
+    result = run(tmp_path, 2, preview_every=2, preview_steps=2, on_preview=lambda step, x: previews.append((step, x)))
+    assert [(step, x.shape) for step, x in previews] == [(2, (1, 1, 16, 16, 16))] and previews[0][1].abs().max() <= 1
     ckpt = result.checkpoint
     assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "model.safetensors", "state.pt"]
     model, meta = dm.load_model(ckpt / "ema.safetensors")
