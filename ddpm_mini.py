@@ -991,11 +991,6 @@ def from_model(x, dtype=np.uint16) -> np.ndarray:
 # --- Minimal preprocessing: the paper's four steps, nothing more -----------------------------
 
 
-# train's merge of data renamed this helper _volume_affine; main's merge kept one _as_volume
-# (a superset: it also squeezes leading size-1 axes). One implementation, both names.
-_volume_affine = _as_volume
-
-
 def _warp(volume, matrix, shape, mode="bilinear") -> torch.Tensor:
     """Resample volume (..., X, Y, Z) onto a grid of `shape` (3 sizes): output voxel i takes the
     input's value at voxel index p = M i + m, (M | m) = matrix[:3] ((4, 4) or (3, 4), indices).
@@ -1081,7 +1076,7 @@ def preprocess(image_or_path, mask=None):
 def _preprocess(image_or_path, mask=None) -> tuple:
     """preprocess(), also returning where the centre landed (3,) in output voxel indices."""
     import nibabel as nib
-    arr, affine = _volume_affine(image_or_path, "image")
+    arr, affine = _as_volume(image_or_path, "image")
     if affine is None:
         raise ValueError("preprocess needs the image's affine: pass a NIfTI path or a nibabel image, not an array")
     lo, hi = (float(v) for v in np.percentile(arr, [0.1, 99.9]))
@@ -1091,7 +1086,7 @@ def _preprocess(image_or_path, mask=None) -> tuple:
         raise ValueError(f"image is constant (every voxel is {lo}): nothing to preprocess")
     arr = np.clip((arr - lo) / (hi - lo), 0, 1)                                # step 1
     if mask is not None:                                                       # step 2
-        m, _ = _volume_affine(mask, "mask")
+        m, _ = _as_volume(mask, "mask")
         if m.shape != arr.shape:
             raise ValueError(f"mask shape {m.shape} differs from the image's {arr.shape}; "
                              f"the mask must be on the image's voxel grid")
@@ -1323,7 +1318,7 @@ class VolumeDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> torch.Tensor:
         import nibabel as nib
         from nibabel import orientations as ornt
-        arr, affine = _volume_affine(self.files[i], str(self.files[i]))
+        arr, affine = _as_volume(self.files[i], str(self.files[i]))
         to_lps = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("LPS"))
         arr = np.ascontiguousarray(ornt.apply_orientation(arr, to_lps))
         x = torch.from_numpy(arr)[None, None]
@@ -2888,21 +2883,8 @@ def _fetch_parser(sub):
     p.add_argument("--list", action="store_true", help="list the assets: name, kind, group, size, verified, licence")
 
 
-def _nearest_intensity_labels(image) -> np.ndarray:
-    """Stand-in for section 10's segment_phantom (the lead removes it once merged): each voxel of a
-    phantom-like image (D, H, W) in [-1, 1] gets the label whose PHANTOM_INTENSITIES mean is nearest;
-    labels sharing a mean go to the lowest number (csf takes the ventricles, left_* the right_*)."""
-    means = torch.tensor([PHANTOM_INTENSITIES[k] for k in sorted(PHANTOM_INTENSITIES)])
-    x = torch.as_tensor(np.asarray(image, np.float32))
-    return (x[..., None] - means).abs().argmin(-1).numpy().astype(np.uint8)  # ties: the first (lowest) label
-
-
 def _cmd_demo(args) -> int:
     out, size = pathlib.Path(args.out), tuple(args.size)
-    segment, lut = globals().get("segment_phantom"), np.arange(len(PHANTOM_LABELS))
-    if segment is None:  # the stand-in merges labels that share an intensity: merge the truth alike
-        segment = _nearest_intensity_labels
-        lut = np.array([min(j for j, v in PHANTOM_INTENSITIES.items() if v == PHANTOM_INTENSITIES[k]) for k in lut])
     print(f"demo: training TEACHING_UNET ({args.prediction}) on {size} phantoms for up to {args.minutes} min "
           f"on {_device()} into {out} (run it again to train further)")
     torch.manual_seed(args.seed)
@@ -2916,15 +2898,13 @@ def _cmd_demo(args) -> int:
     for i, v in enumerate(x[:, 0]):
         path = save_nifti(v, out / "samples" / f"demo_{i}.nii.gz")
         save_slices_png(v, path.with_name(f"demo_{i}.png"), title=f"demo sample {i} ({args.prediction})")
-        volumes.append(phantom_volumes(segment(v.numpy())))
-    truth = [phantom_volumes(lut[phantom(10_000 + i, size)[1]]) for i in range(8)]
-    print(f"wrote {args.n} samples (NIfTI + PNG) to {out / 'samples'}; tissue volumes (mL) by {segment.__name__}:")
+        volumes.append(phantom_volumes(segment_phantom(v.numpy())))
+    truth = [phantom_volumes(phantom(10_000 + i, size)[1]) for i in range(8)]
+    print(f"wrote {args.n} samples (NIfTI + PNG) to {out / 'samples'}; tissue volumes (mL) by segment_phantom:")
     print(f"{'structure':36s} {'phantoms (8, truth)':>18s} {f'samples ({args.n})':>18s}")
-    for k, name in PHANTOM_LABELS.items():
-        if k and lut[k] == k:
-            t, s = (np.array([v[name] for v in vs]) / 1000 for vs in (truth, volumes))
-            name = " + ".join(PHANTOM_LABELS[j] for j in np.flatnonzero(lut == k))
-            print(f"{name:36s} {t.mean():9.1f} ± {t.std():6.1f} {s.mean():9.1f} ± {s.std():6.1f}")
+    for name in list(PHANTOM_LABELS.values())[1:]:
+        t, s = (np.array([v[name] for v in vs]) / 1000 for vs in (truth, volumes))
+        print(f"{name:36s} {t.mean():9.1f} ± {t.std():6.1f} {s.mean():9.1f} ± {s.std():6.1f}")
     return 0
 
 
@@ -2958,7 +2938,6 @@ def _preprocess_parser(subparsers):
     p.add_argument("output", metavar="OUT", help="output NIfTI path (written atomically)")
     p.add_argument("--mask", metavar="M", default=None,
                    help="optional brain mask on IN's voxel grid: centre the crop on its centre of mass")
-    p.set_defaults(func=_cmd_preprocess)
     return p
 
 
@@ -2977,11 +2956,6 @@ def _cmd_preprocess(args) -> int:
           f"({', '.join(f'{v:.1f}' for v in landed)}); grid centre ({', '.join(f'{v:.1f}' for v in grid_centre)})")
     return 0
 
-# --- end of the preprocess subcommand block ------------------------------------------------------
-
-
-# --- evaluate subcommand (section 10's); _COMMANDS below wires these two into main's parser ----------
-
 
 def _evaluate_parser(subparsers):
     """Add `evaluate`: compare real and synthetic regional volumes (SynthSeg CSVs or NIfTI folders)."""
@@ -2998,7 +2972,6 @@ def _evaluate_parser(subparsers):
     p.add_argument("--permutations", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--correction", choices=("holm", "fdr"), default="holm")
-    p.set_defaults(func=_cmd_evaluate)
     return p
 
 
@@ -3024,8 +2997,6 @@ def _cmd_evaluate(args) -> int:
         print("  ".join(f"{r[c]:>14.6g}" if isinstance(r[c], float) else f"{str(r[c]):>14}" for c in cols))
     print(f"wrote {report['csv']} and {report['figure']}")
     return 0
-
-# --- end of the evaluate subcommand block --------------------------------------------------------
 
 
 def _build_parser():
