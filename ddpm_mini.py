@@ -1899,6 +1899,8 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
         r = sub_s / np.maximum(np.einsum("j,jn->n", beta, sub_t), 0.05)
         cls = np.where(sub(scalp), 1, classify(r))
         use = np.isin(cls, fit) & ~sub(background) & (np.abs(r - means[cls]) < half_gap[cls])
+        if use.sum() < 10 * len(terms):  # too few tissue voxels to fit B (e.g. a constant volume): keep B
+            break
         design = means[cls[use]] * sub_t[:, use]                                 # (10, n)
         beta = np.linalg.solve(np.einsum("in,jn->ij", design, design), np.einsum("in,n->i", design, sub_s[use]))
     bias = np.maximum(sum(b * t for b, t in zip(beta.astype(np.float32), terms)), 0.05)  # B(x), (X, Y, Z)

@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +171,15 @@ def test_measure_and_format_rows():
     lines = text.splitlines()
     assert len(lines) == 3 and lines[1].split() == ["flow", "0.01235"] and len({len(ln) for ln in lines}) == 1
     assert dm.format_rows([]) == "(no rows)"
+
+
+def test_segment_phantom_survives_constant_volumes():
+    """04 segments samples of barely trained models, which can be constant: no LinAlgError."""
+    for value in (-1.0, 0.0, 1.0):
+        labels = dm.segment_phantom(np.full((48, 56, 48), value, np.float32))
+        assert labels.shape == (48, 56, 48) and len(np.unique(labels)) == 1
+    table = dm.regional_volumes([np.full((48, 56, 48), 1.0, np.float32), np.full((48, 56, 48), -1.0, np.float32)])
+    assert table["volumes"]["white_matter"][1] == 0
 
 
 # --- Running them headless ------------------------------------------------------------------------
