@@ -1919,6 +1919,8 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
         r = sub_s / np.maximum(np.einsum("j,jn->n", beta, sub_t), 0.05)
         cls = np.where(sub(scalp), 1, classify(r))
         use = np.isin(cls, fit) & ~sub(background) & (np.abs(r - means[cls]) < half_gap[cls])
+        if use.sum() < 10 * len(terms):  # too few tissue voxels to fit B (e.g. a constant volume): keep B
+            break
         design = means[cls[use]] * sub_t[:, use]                                 # (10, n)
         beta = np.linalg.solve(np.einsum("in,jn->ij", design, design), np.einsum("in,n->i", design, sub_s[use]))
     bias = np.maximum(sum(b * t for b, t in zip(beta.astype(np.float32), terms)), 0.05)  # B(x), (X, Y, Z)
@@ -2329,39 +2331,422 @@ def save_slices_png(volume, path, title=None, dpi=100) -> pathlib.Path:
     return path
 
 
+# --- Widgets: ipywidgets in a notebook, a static Figure elsewhere --------------------------------
+
+
+def _widgets():
+    """The ipywidgets module when running inside IPython with ipywidgets installed, else None."""
+    try:
+        import ipywidgets
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return ipywidgets if get_ipython() is not None else None
+
+
+def _redraw(out, draw, figsize) -> None:
+    """Replace the contents of an ipywidgets Output with a new pyplot figure drawn by draw(fig)."""
+    import matplotlib.pyplot as plt
+    with out:
+        out.clear_output(wait=True)
+        fig = plt.figure(figsize=figsize)
+        draw(fig)
+        plt.show()
+        plt.close(fig)  # inline backends close it in show(); others (e.g. Agg) would keep it
+
+
 def view(volume, title=None):
     """Interactive viewer: one slider per plane over the three orthogonal slices (ipywidgets).
 
-    Falls back to a static matplotlib figure through the centre where widgets are
-    unavailable (plain Python, headless runs). Returns the widget or the Figure.
+    volume: (D, H, W) array or tensor, a (1, 1, D, H, W) sample, a NIfTI path or nibabel image.
+    Returns the widget, which a notebook shows as a cell's last value (or pass it to
+    IPython's display()). Where widgets are unavailable (plain Python, no ipywidgets) it
+    returns a static matplotlib Figure of the planes through the centre instead.
     """
     v, _ = _as_volume(volume, "volume")
-    try:
-        import ipywidgets as widgets
-        from IPython import get_ipython
-        if get_ipython() is None:
-            raise ImportError("not in IPython")
-    except ImportError:
+    widgets = _widgets()
+    if widgets is None:
         return show_slices(v, title=title)
-    import matplotlib.pyplot as plt
-    from IPython.display import display
     sliders = [widgets.IntSlider(value=s // 2, min=0, max=s - 1, description=name, continuous_update=False)
                for s, name in zip(v.shape, ("L-R", "P-A", "I-S"))]
     out = widgets.Output()
     lo, hi = float(v.min()), float(v.max())
 
     def redraw(_=None):
-        with out:
-            out.clear_output(wait=True)
-            fig = plt.figure(figsize=(10, 3.6))
-            show_slices(v, tuple(s.value for s in sliders), title=title, fig=fig, vmin=lo, vmax=hi)
-            plt.show()
+        _redraw(out, lambda fig: show_slices(v, tuple(s.value for s in sliders), title=title, fig=fig,
+                                             vmin=lo, vmax=hi), (10, 3.6))
     for s in sliders:
         s.observe(redraw, names="value")
     redraw()
-    box = widgets.VBox([widgets.HBox(sliders), out])
-    display(box)
-    return box
+    return widgets.VBox([widgets.HBox(sliders), out])
+
+
+def _new_figure(fig, figsize):
+    """fig cleared for reuse, or a new pyplot-free Figure (no GUI backend needed)."""
+    if fig is None:
+        from matplotlib.figure import Figure
+        return Figure(figsize=figsize, layout="constrained")
+    fig.clear()
+    if hasattr(fig, "set_layout_engine"):  # matplotlib >= 3.6
+        fig.set_layout_engine("constrained")
+    return fig
+
+
+def _image(x) -> np.ndarray:
+    """A 2-D float32 numpy array from a tensor or array whose other axes have size 1."""
+    a = x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, np.float32)
+    a = a.squeeze()
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D image (H, W), possibly with axes of size 1, got shape {tuple(np.shape(x))}")
+    return a
+
+
+def show_volumes(volumes: dict, index=None, title=None, fig=None):
+    """A grid of orthogonal slices: one row per entry of volumes {name: volume}, the axial,
+    coronal and sagittal planes through `index` (default: the centre) in the columns.
+
+    Each volume: (D, H, W), (1, D, H, W) or (1, 1, D, H, W), array or tensor; each row uses
+    its own grey range. Returns the matplotlib Figure (rows x 3).
+    """
+    fig = _new_figure(fig, (9, 3 * len(volumes)))
+    axes = fig.subplots(len(volumes), 3, squeeze=False)
+    for row, (name, volume) in zip(axes, volumes.items()):
+        v, _ = _as_volume(volume, f"volume {name!r}")
+        for ax, (plane, image) in zip(row, orthogonal_slices(v, index).items()):
+            ax.imshow(image, cmap="gray", origin="lower", vmin=float(v.min()), vmax=float(v.max()),
+                      interpolation="nearest")
+            ax.set_title(f"{name}: {plane}", fontsize=9)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def show_images(images: dict, vmin=-1.0, vmax=1.0, title=None, fig=None):
+    """A grid of 2-D images: one row per entry of images {name: (N, H, W) or (N, 1, H, W) or a
+    list of N (H, W)}, N columns (rows may differ in N). Grey scale vmin..vmax (None: each
+    image's own range). Returns the matplotlib Figure."""
+    rows = {k: [_image(x) for x in v] for k, v in images.items()}
+    ncol = max(len(v) for v in rows.values())
+    fig = _new_figure(fig, (1.3 * ncol + 1, 1.4 * len(rows)))
+    axes = fig.subplots(len(rows), ncol, squeeze=False)
+    for r, (name, row) in enumerate(rows.items()):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(row):
+                ax.imshow(row[c], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+        axes[r, 0].set_title(name, fontsize=9, loc="left")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+# --- Plots: the parameterizations over t, measured errors, losses, tables ----------------------
+
+
+def plot_parameterizations(schedule=None, predictions=PREDICTIONS, fig=None):
+    """What each prediction regresses, over t = 0..T-1: three panels.
+
+    Every target is linear in (x0, eps): u = a(t) x0 + b(t) eps. Panel 1 plots a(t), panel 2
+    b(t) (both read off target() itself with x0 = 1, eps = 0 and the reverse), panel 3 the
+    weight w(t) the prediction's MSE puts on the x0 error (x0_loss_weight), log scale.
+    Returns the matplotlib Figure (1 x 3).
+    """
+    schedule = _schedule(schedule)
+    t = torch.arange(schedule.T)
+    one, zero = torch.ones(schedule.T, 1, dtype=torch.float64), torch.zeros(schedule.T, 1, dtype=torch.float64)
+    fig = _new_figure(fig, (13, 3.6))
+    axes = fig.subplots(1, 3)
+    for p in predictions:
+        axes[0].plot(t, target(p, one, zero, t, schedule)[:, 0], label=p)
+        axes[1].plot(t, target(p, zero, one, t, schedule)[:, 0], label=p)
+        axes[2].semilogy(t, x0_loss_weight(p, t, schedule), label=p)
+    for ax, name in zip(axes, ("a(t): weight of x0 in the target", "b(t): weight of eps in the target",
+                               "w(t): implied weight on |x0_hat - x0|^2")):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("t")
+    axes[0].legend()
+    return fig
+
+
+def show_targets(images: dict, t: int, prediction=None, seed: int = 0, schedule=None, fig=None):
+    """The regression targets for clean images at one timestep t.
+
+    images: {name: 2-D image (H, W) in [-1, 1]} (e.g. an axial slice from orthogonal_slices);
+    one row each with x0, eps (~ N(0, I) from seed, one draw per row), x_t = alpha_t x0 +
+    sigma_t eps, then the target u of `prediction` (None: all four), each titled with the
+    prediction's x0 weight w(t). Every panel has its own grey range. Returns the Figure.
+    """
+    schedule = _schedule(schedule)
+    preds = PREDICTIONS if prediction is None else (canonical_prediction(prediction),)
+    tt = torch.tensor([int(t)])
+    fig = _new_figure(fig, (2.1 * (3 + len(preds)), 2.3 * len(images)))
+    axes = fig.subplots(len(images), 3 + len(preds), squeeze=False)
+    g = torch.Generator().manual_seed(seed)
+    for row, (name, image) in zip(axes, images.items()):
+        x0 = torch.from_numpy(_image(image).copy())[None]                       # (1, H, W)
+        eps = torch.randn(x0.shape, generator=g)
+        panels = [(f"{name}: x0", x0), ("eps", eps), (f"x_t, t = {int(t)}", schedule.add_noise(x0, eps, tt))]
+        panels += [(f"{p} target\nw(t) = {float(x0_loss_weight(p, tt, schedule)[0]):.3g}",
+                    target(p, x0, eps, tt, schedule)) for p in preds]
+        for ax, (label, x) in zip(row, panels):
+            ax.imshow(x[0].numpy(), cmap="gray", interpolation="nearest")
+            ax.set_title(label, fontsize=9)
+            ax.axis("off")
+    return fig
+
+
+def explore_targets(images: dict, t: int = 500, prediction=None, seed: int = 0, schedule=None):
+    """show_targets with controls: a t slider (0..T-1) and a prediction selector ("all" or one).
+
+    images as in show_targets. Returns the widget; without widgets, the static Figure for the
+    given t and prediction.
+    """
+    widgets = _widgets()
+    if widgets is None:
+        return show_targets(images, t, prediction, seed, schedule)
+    T = _schedule(schedule).T
+    slider = widgets.IntSlider(value=int(t), min=0, max=T - 1, description="t", continuous_update=False)
+    choice = widgets.Dropdown(options=["all", *PREDICTIONS], value=prediction or "all", description="prediction")
+    out = widgets.Output()
+
+    def redraw(_=None):
+        pred = None if choice.value == "all" else choice.value
+        cols = 7 if pred is None else 4
+        _redraw(out, lambda fig: show_targets(images, slider.value, pred, seed, schedule, fig=fig),
+                (2.1 * cols, 2.3 * len(images)))
+    slider.observe(redraw, names="value")
+    choice.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([slider, choice]), out])
+
+
+def x0_error_by_t(model, prediction: str, x0, timesteps, seed: int = 0, clip: bool = False, schedule=None) -> np.ndarray:
+    """Measured x0 error of a trained model at each timestep: float64 numpy (K,).
+
+    x0: held-out clean data (B, C, *S) in [-1, 1]; timesteps: K integers in 0..T-1. For each
+    t: x_t = alpha_t x0 + sigma_t eps (eps drawn once from seed, shared by every t), u =
+    model(x_t, t), x0_hat = to_x0_eps(prediction, u, x_t, t, clip=clip)[0], and the entry is
+    mean((x0_hat - x0)^2). clip=False (default) shows the raw conversion; the sampler clips.
+    """
+    schedule = _schedule(schedule)
+    device = next(model.parameters()).device
+    x0 = torch.as_tensor(x0, dtype=torch.float32).cpu()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    errors = []
+    with torch.inference_mode():
+        for t in timesteps:
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+            x_t = schedule.add_noise(x0, eps, tt)
+            u = model(x_t.to(device), tt.to(device)).float().cpu()
+            x0_hat, _ = to_x0_eps(prediction, u, x_t, tt, schedule, clip)
+            errors.append(float(((x0_hat - x0) ** 2).mean()))
+    return np.array(errors, dtype=np.float64)
+
+
+def plot_curves(curves: dict, x=None, xlabel="t", ylabel="", title=None, logy=True, fig=None):
+    """Line plot of named curves {name: (K,) values} against x (K,) (default 0..K-1), log y by
+    default; e.g. x0_error_by_t per prediction. Returns the Figure."""
+    fig = _new_figure(fig, (6, 3.8))
+    ax = fig.subplots()
+    for name, y in curves.items():
+        y = np.asarray(y, dtype=np.float64)
+        ax.plot(np.arange(len(y)) if x is None else np.asarray(x), y, marker="o", ms=3, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend()
+    return fig
+
+
+def plot_losses(histories: dict, window: int | None = None, fig=None):
+    """Training loss curves {name: [loss per step]}: the raw losses faint, a moving average
+    (window steps, default max(1, steps // 20)) solid, log y. Each prediction's loss lives in
+    its own target space, so compare shapes, not heights. Returns the Figure."""
+    fig = _new_figure(fig, (7, 4))
+    ax = fig.subplots()
+    for name, h in histories.items():
+        h = np.asarray(h, dtype=np.float64)
+        w = max(1, min(len(h), window or len(h) // 20))
+        steps = np.arange(1, len(h) + 1)
+        line, = ax.plot(steps, h, alpha=0.25, lw=0.8)
+        smooth = np.convolve(h, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, color=line.get_color(), label=f"{name} (mean of {w})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (own target space)")
+    ax.legend()
+    return fig
+
+def format_rows(rows, columns=None, width: int = 12) -> str:
+    """A result (list of dict rows, e.g. compare_volumes or comparison_report's "table") as a
+    fixed-width text table: one line per row, the given columns (default: all of the first
+    row's), floats to 4 significant digits. Returns the string (print it)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0])
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
+    widths = [max(width, len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(r[c]).rjust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+# --- Sampling: trajectories, cost, controls (notebook 02) ----------------------------------------
+
+
+def _planes(x) -> dict:
+    """{plane: 2-D float32 array}: the three centre planes of a 3-D volume, or {"image": x} in 2-D."""
+    x = x.detach().float().cpu() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x, np.float32))
+    if x.ndim == 2:
+        return {"image": x.numpy().copy()}
+    return {k: np.ascontiguousarray(v) for k, v in orthogonal_slices(x).items()}
+
+
+class Trajectory:
+    """A sample() callback that records the denoising path of one item.
+
+    traj = Trajectory(); sample(model, prediction, ..., callback=traj); view_trajectory(traj).
+    After every step it keeps t, and the centre planes (3-D: axial, coronal, sagittal; 2-D:
+    the image) of x_t (the new state after the step) and of x0_hat (the model's clean estimate
+    at that step), on the CPU: a few MB for 64 steps at 192 x 224 x 192.
+    Attributes: t (list of int), x_t, x0_hat (lists of {plane: 2-D array}).
+    """
+
+    def __init__(self, item: int = 0):
+        self.item, self.t, self.x_t, self.x0_hat = item, [], [], []
+
+    def __call__(self, i, t, x_t, x0_hat):
+        self.t.append(int(t))
+        self.x_t.append(_planes(x_t[self.item, 0]))
+        self.x0_hat.append(_planes(x0_hat[self.item, 0]))
+
+    def __len__(self):
+        return len(self.t)
+
+
+def show_trajectory(trajectory: Trajectory, steps=None, plane=None, fig=None):
+    """Columns of a recorded trajectory, one per step index k (0-based; default: 6 evenly
+    spaced, first and last included): on top the state x after step k (at the next timestep
+    t_prev; the sample after the last step), below the model's x0_hat at step k's t. One plane
+    (default the first recorded: axial in 3-D); grey range [-1, 1]. Returns the Figure (2 x K)."""
+    n = len(trajectory)
+    if n == 0:
+        raise ValueError("the trajectory is empty: pass it to sample(..., callback=trajectory) first")
+    steps = sorted({int(round(s)) for s in np.linspace(0, n - 1, min(n, 6))}) if steps is None else list(steps)
+    plane = plane or next(iter(trajectory.x_t[0]))
+    fig = _new_figure(fig, (2 * len(steps) + 0.5, 4.4))
+    axes = fig.subplots(2, len(steps), squeeze=False)
+    for c, k in enumerate(steps):
+        t, t_prev = trajectory.t[k], trajectory.t[k + 1] if k + 1 < n else -1
+        titles = (f"step {k + 1}/{n}: x at t = {t_prev}" if t_prev >= 0 else f"step {n}/{n}: the sample",
+                  f"x0_hat at t = {t}")
+        for r, (title, record) in enumerate(zip(titles, (trajectory.x_t, trajectory.x0_hat))):
+            ax = axes[r, c]
+            ax.imshow(record[k][plane], cmap="gray", origin="lower" if plane != "image" else "upper",
+                      vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    return fig
+
+
+def view_trajectory(trajectory: Trajectory, plane=None):
+    """A step slider (and a plane selector in 3-D) over a recorded Trajectory, showing x_t and
+    x0_hat at that step. Returns the widget; without widgets, show_trajectory's Figure."""
+    widgets = _widgets()
+    if widgets is None:
+        return show_trajectory(trajectory, plane=plane)
+    n = len(trajectory)
+    if n == 0:
+        raise ValueError("the trajectory is empty: pass it to sample(..., callback=trajectory) first")
+    planes = list(trajectory.x_t[0])
+    step = widgets.IntSlider(value=n, min=1, max=n, description="step", continuous_update=False)
+    which = widgets.Dropdown(options=planes, value=plane or planes[0], description="plane")
+    out = widgets.Output()
+
+    def redraw(_=None):
+        _redraw(out, lambda fig: show_trajectory(trajectory, [step.value - 1], which.value, fig=fig), (4.5, 4.6))
+    step.observe(redraw, names="value")
+    which.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([step, which] if len(planes) > 1 else [step]), out])
+
+
+class measure:
+    """Time a block and record its memory: `with measure(device) as cost: ...`.
+
+    On exit cost (a dict) holds seconds (wall clock; CUDA synchronised first), memory_mb and
+    memory (a sentence saying what was measured): on CUDA the peak allocated by torch during
+    the block (torch.cuda.max_memory_allocated, reset on entry); on CPU the process's peak
+    resident set size so far (resource.getrusage; it cannot be reset, so it includes whatever
+    the process held before, e.g. loaded models).
+    """
+
+    def __init__(self, device=None):
+        self.device = _device(device)
+        self.cost = {}
+
+    def __enter__(self) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = time.perf_counter()
+        return self.cost
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.cost["seconds"] = time.perf_counter() - self._start
+        if self.device.type == "cuda":
+            mb, what = torch.cuda.max_memory_allocated(self.device) / 2**20, "GPU memory, peak allocated by torch"
+        else:
+            try:
+                import resource
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+            except ImportError:  # Windows
+                mb = float("nan")
+            what = "CPU memory, peak resident size of this process so far"
+        self.cost.update(memory_mb=mb, memory=f"{mb:,.0f} MB {what}")
+        return False
+
+
+def sampling_panel(models: dict, noise, steps: int = 64, eta: float = 0.0, spacing: str = "linspace",
+                   prediction=None):
+    """Controls for sample(): prediction, steps, eta, timestep grid (ipywidgets) and a Sample
+    button; shows the result's three planes titled with its seconds per step.
+
+    models: {prediction: model}; noise: (1, C, *S), the same start for every run (so runs
+    differ only by the controls). It samples once with the given values when created. Returns
+    the widget; without widgets, the Figure of that one sample.
+    """
+    def run(pred, n, e, grid, fig=None):
+        with measure(next(models[pred].parameters()).device) as cost:
+            x = sample(models[pred], pred, noise=noise, steps=n, eta=e, spacing=grid, progress=False)
+        return show_slices(x[0, 0], title=f"{pred}: {n} {grid} steps, eta {e:g}: "
+                                          f"{cost['seconds'] / n:.2f} s per step", fig=fig, vmin=-1, vmax=1)
+    prediction = prediction or next(iter(models))
+    widgets = _widgets()
+    if widgets is None:
+        return run(prediction, steps, eta, spacing)
+    choice = widgets.Dropdown(options=list(models), value=prediction, description="prediction")
+    n = widgets.IntSlider(value=steps, min=2, max=max(250, steps), description="steps", continuous_update=False)
+    e = widgets.FloatSlider(value=eta, min=0.0, max=1.0, step=0.1, description="eta", continuous_update=False)
+    grid = widgets.Dropdown(options=list(SPACINGS), value=spacing, description="t grid")
+    button = widgets.Button(description="Sample", button_style="primary")
+    out = widgets.Output()
+
+    def redraw(_=None):
+        button.disabled = True
+        try:
+            _redraw(out, lambda fig: run(choice.value, n.value, e.value, grid.value, fig), (10, 3.8))
+        finally:
+            button.disabled = False
+    button.on_click(redraw)
+    redraw()
+    return widgets.VBox([widgets.HBox([choice, n]), widgets.HBox([e, grid, button]), out])
 
 # =============================================================================
 # 12. Command line
