@@ -7,6 +7,8 @@ import threading
 import pytest
 import torch
 
+import ddpm_mini
+
 #: A small U-Net that exercises every option: per-level res blocks and heads,
 #: attention on two levels, several in/out channels.
 SMALL_UNET = dict(spatial_dims=3, in_channels=2, out_channels=3, channels=(8, 16, 24),
@@ -54,3 +56,15 @@ def closed_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def standin_weights(tmp_path_factory):
+    """One stand-in MedForj file (~165 MB): random weights of UNet(**MEDFORJ_UNET) as a plain
+    safetensors state dict, like the published files. Made once per session."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = ddpm_mini.UNet(**ddpm_mini.MEDFORJ_UNET)
+    path = tmp_path_factory.mktemp("standin") / "standin.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -54,3 +54,23 @@ def test_script_help_lists_commands():
     assert "sample" in out
     out = subprocess.run([sys.executable, dm.__file__, "sample", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--prediction" in out and "--spacing" in out
+
+
+def test_readme_sample_command_fetches_the_pretrained_model(tmp_path, http_server, standin_weights, monkeypatch, capsys):
+    """README command (a), `sample --prediction flow --steps 64 --seed 0 --out sample_flow.nii.gz`, on a
+    small grid and 2 steps: the real manifest row, fetched from a loopback mirror holding a stand-in file."""
+    import shutil
+    root, base = http_server
+    shutil.copyfile(standin_weights, root / "MedForj-weights-flow_ema.safetensors")
+    monkeypatch.delenv("DDPM_MINI_MANIFEST", raising=False)
+    monkeypatch.setenv("DDPM_MINI_MIRROR", base)
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    dm._WARNED_UNVERIFIED.discard("medforj_flow")
+    with pytest.warns(UserWarning, match="medforj_flow: no checksum is published"):
+        assert dm.main(["sample", "--prediction", "flow", "--steps", "2", "--seed", "0", "--shape", "16", "16", "16",
+                        "--device", "cpu", "--out", "sample_flow.nii.gz"]) == 0
+    assert (tmp_path / "cache" / "medforj_flow" / "MedForj-weights-flow_ema.safetensors").exists()
+    img = nib.load(tmp_path / "sample_flow.nii.gz")
+    assert img.shape == (16, 16, 16) and (tmp_path / "sample_flow.png").exists()
+    assert "with the flow model on cpu" in capsys.readouterr().out

@@ -185,18 +185,6 @@ def test_segment_phantom_survives_constant_volumes():
 # --- Running them headless ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def standin_weights(tmp_path_factory):
-    """One stand-in MedForj file (~165 MB): random weights of UNet(**MEDFORJ_UNET) as a plain
-    safetensors state dict, like the published files. Made once per session."""
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    model = dm.UNet(**dm.MEDFORJ_UNET)
-    path = tmp_path_factory.mktemp("standin") / "standin.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 def _link_or_copy(src, dst):
     try:
         os.link(src, dst)
