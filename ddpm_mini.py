@@ -217,10 +217,10 @@ def diffusion_loss(model, x0: torch.Tensor, prediction: str, schedule=None, gene
     t ~ Uniform{0..T-1} and eps ~ N(0, I) per item. x0: (B, C, *S) in [-1, 1]."""
     schedule = _schedule(schedule)
     gen_device = generator.device if generator is not None else x0.device
-    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=gen_device).cpu()  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
-    x_t = schedule.add_noise(x0, noise, t)
-    return F.mse_loss(model(x_t, t).float(), target(prediction, x0, noise, t, schedule).float())
+    x_t = schedule.add_noise(x0, noise, t)  # coefficients from the CPU copy of t: no device sync
+    return F.mse_loss(model(x_t, t.to(x0.device)).float(), target(prediction, x0, noise, t, schedule).float())
 
 # =============================================================================
 # 5. The 3D U-Net
@@ -665,8 +665,8 @@ def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta:
     try:
         with torch.inference_mode(), _autocast(device, dtype):
             for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"sampling ({prediction})", disable=not progress)):
-                tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-                x0_hat, eps_hat = to_x0_eps(prediction, model(x, tt).float(), x, tt, schedule, clip)
+                tt = torch.full((x.shape[0],), t, dtype=torch.long)  # on the CPU: coefficients need no device sync
+                x0_hat, eps_hat = to_x0_eps(prediction, model(x, tt.to(device)).float(), x, tt, schedule, clip)
                 x = ddim_step(x0_hat, eps_hat, t_prev, eta, t, schedule, generator)
                 if callback is not None:
                     callback(i, t, x, x0_hat)
