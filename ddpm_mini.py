@@ -295,12 +295,12 @@ class _Conv(nn.Module):
         w, b = self.conv.weight, self.conv.bias
         bounds = np.cumsum([0] + [x.shape[1] for x in parts])
         weights = [w[:, lo:hi].contiguous() for lo, hi in zip(bounds[:-1], bounds[1:])]  # oneDNN wants contiguous
-        if self.pointwise:  # per item: (Cout, Cx) @ (Cx, N), accumulated over the parts in place
+        if self.pointwise:  # per item: (Cout, Cx) @ (Cx, N), accumulated over the parts
             items = []
             for i in range(parts[0].shape[0]):
                 acc = torch.addmm(b[:, None], weights[0].flatten(1), parts[0][i].reshape(parts[0].shape[1], -1))
-                for x, wx in zip(parts[1:], weights[1:]):
-                    acc = acc.addmm_(wx.flatten(1), x[i].reshape(x.shape[1], -1))
+                for x, wx in zip(parts[1:], weights[1:]):  # out of place: autocast casts addmm, not addmm_
+                    acc = torch.addmm(acc, wx.flatten(1), x[i].reshape(x.shape[1], -1))
                 items.append(acc)
             out = items[0][None] if len(items) == 1 else torch.stack(items)
             return out.reshape(out.shape[0], -1, *parts[0].shape[2:])
@@ -358,11 +358,12 @@ class _Upsample(nn.Module):
     def _fold(self, w: torch.Tensor) -> torch.Tensor:
         fold = self._FOLD.to(w.device, w.dtype)
         kernels = []
-        for parity in self.parities:
-            k = w
-            for axis, p in enumerate(parity):  # contract this axis' 3 taps into 2
-                k = torch.tensordot(k, fold[p], dims=([2 + axis], [1])).movedim(-1, 2 + axis)
-            kernels.append(k)
+        with torch.autocast(w.device.type, enabled=False):  # sums of taps, in the weight's own precision
+            for parity in self.parities:
+                k = w
+                for axis, p in enumerate(parity):  # contract this axis' 3 taps into 2
+                    k = torch.tensordot(k, fold[p], dims=([2 + axis], [1])).movedim(-1, 2 + axis)
+                kernels.append(k)
         return torch.cat(kernels, 0)
 
     def forward(self, x):

@@ -141,3 +141,22 @@ def test_reduced_precision_on_cuda_tracks_float32(dtype):
     low = dm.sample(model, "flow", noise=noise, steps=8, dtype=dtype, progress=False)
     assert torch.isfinite(low).all() and low.dtype == torch.float32
     assert ((low - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_unet_under_autocast_tracks_float32(grad):
+    """Autocast (what CUDA sampling and training run under) on the CPU in bfloat16: the same code
+    paths (split 1x1 convs on the way up, the folded up-sampler; in place without autograd, out of
+    place with it) must accept mixed dtypes. bfloat16 keeps 8 significant bits (2^-8 = 0.4% per
+    rounding); 2% allows a few roundings to add up. Forward only: the CPU's bfloat16 conv3d
+    weight-gradient kernel itself sometimes returns non-finite values (a plain nn.Conv3d shows it)."""
+    from conftest import SMALL_UNET
+    model = randomize(dm.UNet(**SMALL_UNET), seed=5)
+    x, t = torch.randn(2, 2, 8, 12, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 800])
+    with torch.no_grad():
+        ref = model(x, t)
+    with torch.autocast("cpu", torch.bfloat16), torch.set_grad_enabled(grad):
+        low = model(x, t)
+    assert low.dtype == torch.bfloat16 and low.requires_grad == grad
+    rel = ((low.float() - ref).norm() / ref.norm()).item()
+    assert 1e-4 < rel < 0.02, rel  # reduced precision did run, and tracks float32
