@@ -3,12 +3,15 @@ training it takes until its samples are recognisably phantoms.
 
     OMP_NUM_THREADS=1 python tests/bench_train.py                        # ~20 min on a busy 2-core CPU
     OMP_NUM_THREADS=1 python tests/bench_train.py --speed-steps 0 --minutes 2 5   # part 2 alone, ~8 min
+    python tests/bench_train.py --speed-steps 0 --minutes 5 10 --batch 1 --lr 2e-3 \
+        --unet "channels=(8, 16, 32), num_head_channels=8"             # part 2 for another setting
 
 Part 1, speed: optimizer steps per second of train() (flow, Adam, EMA) for batch sizes 1-4 at
 48 x 56 x 48 and 64^3 (one warm-up step, then --speed-steps timed steps).
 
 Part 2, time to recognisable: train TEACHING_UNET as `python ddpm_mini.py demo` does (flow, batch 2,
-lr 1e-3, 48 x 56 x 48 phantoms), pausing at each of --minutes (training time; sampling excluded)
+lr 1e-3, 48 x 56 x 48 phantoms; --batch, --lr and --unet change that), pausing at each of
+--minutes (training time; sampling excluded)
 to draw 4 samples from the EMA model (20 DDIM steps) and score each, segmentation-free:
   W1    Wasserstein-1 distance between the sample's voxel intensities and those of 16 reference
         phantoms pooled (mean |quantile difference| over 1000 levels, in [-1, 1] units).
@@ -79,9 +82,13 @@ def main():
     parser.add_argument("--minutes", type=float, nargs="+", default=[2, 5, 8], help="training minutes to score at")
     parser.add_argument("--speed-steps", type=int, default=2, help="timed steps per speed point (0: skip part 1)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    parser.add_argument("--batch", type=int, default=2, help="part 2: volumes per step (default 2, the demo's)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="part 2: Adam learning rate (default 1e-3, the demo's)")
+    parser.add_argument("--unet", default="", help='part 2: TEACHING_UNET overrides, e.g. "channels=(8, 16, 32)"')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    unet = dict(dm.TEACHING_UNET, **eval(f"dict({args.unet})"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), TEACHING_UNET "
           f"{sum(p.numel() for p in dm.UNet(**dm.TEACHING_UNET).parameters()):,} parameters", flush=True)
     if args.speed_steps:
@@ -97,12 +104,14 @@ def main():
     print("\npart 2 baselines (W1, tDice): " + ", ".join(
         f"{name} {ref.w1(x):.3f} / {ref.tdice(x):.2f}" for name, x in
         [("real phantom " + str(i), dm.phantom(30_000 + i, SHAPE)[0]) for i in range(3)] + [("blurred head", blur), ("noise", noise)]))
-    print("\ntrain min  steps  loss(last 20)  W1 (4 samples)            tDice (4 samples)         recognisable", flush=True)
+    print(f"\npart 2: flow, batch {args.batch}, lr {args.lr:g}, U-Net {unet}, "
+          f"{sum(p.numel() for p in dm.UNet(**unet).parameters()):,} parameters")
+    print("train min  steps  loss(last 20)  W1 (4 samples)            tDice (4 samples)         recognisable", flush=True)
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
-        model, done = dm.UNet(**dm.TEACHING_UNET), 0.0
+        model, done = dm.UNet(**unet), 0.0
         for minutes in args.minutes:
-            result = dm.train(model, dm.PhantomDataset(shape=SHAPE), "flow", 100_000, batch_size=2, lr=1e-3, out=out,
+            result = dm.train(model, dm.PhantomDataset(shape=SHAPE), "flow", 100_000, batch_size=args.batch, lr=args.lr, out=out,
                               checkpoint_every=100_000, resume=done > 0, max_minutes=minutes - done, progress=False)
             done = minutes
             x = dm.sample(result.ema, "flow", shape=(4, 1, *SHAPE), steps=20, generator=torch.Generator().manual_seed(0),
