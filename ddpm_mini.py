@@ -1671,16 +1671,17 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
                     e.copy_(p)
         step += 1
         loss = loss.detach().float()
-        stop = torch.tensor(float(max_minutes is not None and time.perf_counter() - started > 60 * max_minutes),
-                            device=loss.device)  # rank 0's clock decides for all
+        stop = max_minutes is not None and time.perf_counter() - started > 60 * max_minutes
         if world > 1:
             dist.all_reduce(loss)
             loss /= world
-            dist.broadcast(stop, 0)
+            flag = torch.tensor(float(stop), device=loss.device)
+            dist.broadcast(flag, 0)  # rank 0's clock decides for all
+            stop = bool(flag)
         history.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}")
-        stop = bool(stop) and step < steps
+        stop = stop and step < steps
         if out is not None and (step % checkpoint_every == 0 or step == steps or stop):
             rng = [_rng_states()]
             if world > 1:

@@ -4,7 +4,7 @@ training it takes until its samples are recognisably phantoms.
     OMP_NUM_THREADS=1 python tests/bench_train.py                        # ~20 min on a busy 2-core CPU
     OMP_NUM_THREADS=1 python tests/bench_train.py --speed-steps 0 --minutes 2 5   # part 2 alone, ~8 min
     python tests/bench_train.py --speed-steps 0 --minutes 5 10 --batch 1 --lr 2e-3 \
-        --unet "channels=(8, 16, 32), num_head_channels=8"             # part 2 for another setting
+        --unet '{"channels": (8, 16, 32), "num_head_channels": 8}'       # part 2 for another setting
 
 Part 1, speed: optimizer steps per second of train() (flow, Adam, EMA) for batch sizes 1-4 at
 48 x 56 x 48 and 64^3 (one warm-up step, then --speed-steps timed steps).
@@ -23,6 +23,7 @@ phantoms (a blurred head) 0.10 / 0.36, Gaussian noise 0.75 / 0.09. The run count
 once 3 of the 4 samples are.
 """
 import argparse
+import ast
 import pathlib
 import sys
 import tempfile
@@ -84,11 +85,11 @@ def main():
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--batch", type=int, default=2, help="part 2: volumes per step (default 2, the demo's)")
     parser.add_argument("--lr", type=float, default=1e-3, help="part 2: Adam learning rate (default 1e-3, the demo's)")
-    parser.add_argument("--unet", default="", help='part 2: TEACHING_UNET overrides, e.g. "channels=(8, 16, 32)"')
+    parser.add_argument("--unet", default="{}", help='part 2: TEACHING_UNET overrides as a dict literal, e.g. \'{"channels": (8, 16, 32)}\'')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = dict(dm.TEACHING_UNET, **eval(f"dict({args.unet})"))
+    unet = dict(dm.TEACHING_UNET, **ast.literal_eval(args.unet))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), TEACHING_UNET "
           f"{sum(p.numel() for p in dm.UNet(**dm.TEACHING_UNET).parameters()):,} parameters", flush=True)
     if args.speed_steps:
