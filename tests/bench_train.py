@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ddpm_mini as dm  # noqa: E402
 
-SHAPE = (48, 56, 48)
+SHAPE = dm.TEACHING_SHAPE  # (48, 56, 48): the demo's phantoms
 LEVELS = np.linspace(0.0005, 0.9995, 1000)
 CLASSES = (1, 2, 3, 4, 5)  # scalp, skull, csf (+ ventricles), cortex, white matter
 

@@ -1,18 +1,82 @@
-"""The command line, end to end on tiny settings."""
+"""Section 12 (command line): every command end to end on tiny settings, driven through
+dm.main([...]) (and, where it matters, `python ddpm_mini.py` itself): help, main()'s error
+handling, sample, train and demo, fetch, preprocess, evaluate."""
+import csv
+import hashlib
+import re
+import shutil
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import ddpm_mini as dm
-from conftest import TINY_UNET, randomize
+from conftest import (GRID_CENTRE, MICRO_UNET, PARC, SYNTHSEG1, SYNTHSEG2, TINY_UNET, randomize, synthetic_head,
+                      synthseg_csv, write_manifest, write_phantom_folder)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture
 def tiny_weights(tmp_path):
     return dm.save_weights(randomize(dm.UNet(**TINY_UNET), seed=2), tmp_path / "tiny.safetensors", prediction="flow")
+
+
+# --- Help and errors ------------------------------------------------------------------------------
+
+
+def test_every_command_has_help(capsys):
+    out = subprocess.run([sys.executable, dm.__file__, "--help"], capture_output=True, text=True, check=True).stdout
+    for name in ("demo", "train", "sample", "fetch", "preprocess", "evaluate"):
+        assert name in out
+        with pytest.raises(SystemExit) as exit_:
+            dm.main([name, "--help"])
+        assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    for flag in ("--phantoms", "--resume", "--unet", "--minutes", "--list", "--mask", "--out-dir", "--synthetic"):
+        assert flag in printed
+    assert "<prediction>_model_seed<NNNN>.nii.gz" in printed      # sample --out-dir names its files
+    assert printed.count("48 56 48") >= 2                         # TEACHING_SHAPE: train's and demo's default size
+    out = subprocess.run([sys.executable, dm.__file__, "sample", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--prediction" in out and "--spacing" in out
+    with pytest.raises(SystemExit) as exit_:
+        dm.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"ddpm-mini {dm.__version__}"
+
+
+def test_main_reports_expected_errors_and_nothing_else(tmp_path, monkeypatch, closed_port, capsys):
+    """No command: the help, exit status 2. ValueError, OSError (FileNotFoundError, ConnectionError)
+    and nibabel's ImageFileError: `error: ...` on stderr, status 1 (preprocess's: test_cli_preprocess).
+    Anything else is a bug and propagates; bad options are argparse's (SystemExit 2)."""
+    assert dm.main([]) == 2 and "usage: ddpm_mini.py" in capsys.readouterr().out
+    assert dm.main(["train", "--prediction", "flow", "--out", str(tmp_path / "run")]) == 1     # ValueError
+    assert capsys.readouterr().err == "error: train: give --phantoms or --data DIR (one of them)\n"
+    write_manifest(tmp_path / "m.csv", [dict(name="x", kind="volume", group="g", url=f"http://127.0.0.1:{closed_port}/x.bin",
+                                             hash="sha256:" + "0" * 64, verified="true", license="CC0")])
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(tmp_path / "m.csv"))
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DDPM_MINI_MIRROR", raising=False)
+    assert dm.main(["fetch", "x"]) == 1                                                       # ConnectionError
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not fetch 'x'") and "DDPM_MINI_MIRROR" in err
+    assert dm.main(["evaluate", "--real", str(tmp_path / "none"), "--synthetic", f"a={tmp_path / 'none'}",
+                    "--out", str(tmp_path / "o")]) == 1                                        # FileNotFoundError
+    assert capsys.readouterr().err.startswith("error: ")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a user error")
+    monkeypatch.setattr(dm, "read_manifest", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        dm.main(["fetch", "--list"])
+    with pytest.raises(SystemExit) as exit_:
+        dm.main(["sample", "--steps", "many"])
+    assert exit_.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
+
+
+# --- sample ---------------------------------------------------------------------------------------
 
 
 def test_sample_command_writes_nifti_and_png(tmp_path, tiny_weights, capsys):
@@ -36,7 +100,11 @@ def test_sample_several_into_a_folder(tmp_path, tiny_weights):
     assert dm.main(["sample", "--weights", str(tiny_weights), "--steps", "2", "--n", "2", "--seed", "5",
                     "--shape", "8", "8", "8", "--out-dir", str(tmp_path / "o")]) == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "sample_flow_0005.nii.gz", "sample_flow_0005.png", "sample_flow_0006.nii.gz", "sample_flow_0006.png"]
+        "flow_model_seed0005.nii.gz", "flow_model_seed0005.png", "flow_model_seed0006.nii.gz", "flow_model_seed0006.png"]
+    # --out-dir with a single sample uses the same naming
+    assert dm.main(["sample", "--weights", str(tiny_weights), "--steps", "2", "--seed", "7", "--shape", "8", "8", "8",
+                    "--out-dir", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["flow_model_seed0007.nii.gz", "flow_model_seed0007.png"]
 
 
 def test_sample_command_errors(tmp_path, tiny_weights, capsys):
@@ -47,19 +115,38 @@ def test_sample_command_errors(tmp_path, tiny_weights, capsys):
     assert dm.main(["sample", "--weights", str(tiny_weights), "--steps", "2", "--shape", "8", "8", "8",
                     "--out", str(tmp_path / "x.npy")]) != 0
     assert not (tmp_path / "x.npy").exists()
+    assert dm.main(["sample", "--steps", "2"]) == 1
+    assert "give --prediction (pretrained MedForj) or --weights FILE" in capsys.readouterr().err
 
 
-def test_script_help_lists_commands():
-    out = subprocess.run([sys.executable, dm.__file__, "--help"], capture_output=True, text=True, check=True).stdout
-    assert "sample" in out
-    out = subprocess.run([sys.executable, dm.__file__, "sample", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--prediction" in out and "--spacing" in out
+def test_sample_uses_the_schedule_of_the_run(tmp_path, capsys):
+    """A run trained with Schedule(T=500): the sample command rebuilds that schedule from the weights'
+    metadata, so its grid is validated against T = 500 and the volume is the one dm.sample makes with
+    that schedule (not with the default)."""
+    short = dm.Schedule(T=500)
+    torch.manual_seed(0)
+    dm.train(dm.UNet(**MICRO_UNET), dm.PhantomDataset(shape=(8, 8, 8)), "flow", 1, out=tmp_path / "run",
+             schedule=short, progress=False)
+    model, meta = dm.load_model(tmp_path / "run")
+    assert meta["schedule"] == short.config() and meta["shape"] == [8, 8, 8]
+    assert dm.main(["sample", "--weights", str(tmp_path / "run"), "--steps", "600"]) == 1
+    assert "steps must be an integer in 2..500" in capsys.readouterr().err
+    assert dm.main(["sample", "--weights", str(tmp_path / "run"), "--steps", "2", "--seed", "3",
+                    "--out", str(tmp_path / "s.nii.gz")]) == 0
+    assert "with the flow model on cpu, 2 linspace steps" in capsys.readouterr().out
+    written = np.asarray(nib.load(tmp_path / "s.nii.gz").dataobj)
+
+    def made_with(schedule):
+        x = dm.sample(model, "flow", shape=(1, 1, 8, 8, 8), steps=2, schedule=schedule,
+                      generator=torch.Generator().manual_seed(3), progress=False)
+        return dm.to_uint16(dm.normalize_intensity(x[0, 0]))
+    assert np.array_equal(written, made_with(short))
+    assert not np.array_equal(written, made_with(None))
 
 
 def test_readme_sample_command_fetches_the_pretrained_model(tmp_path, http_server, standin_weights, monkeypatch, capsys):
     """README command (a), `sample --prediction flow --steps 64 --seed 0 --out sample_flow.nii.gz`, on a
     small grid and 2 steps: the real manifest row, fetched from a loopback mirror holding a stand-in file."""
-    import shutil
     root, base = http_server
     shutil.copyfile(standin_weights, root / "MedForj-weights-flow_ema.safetensors")
     monkeypatch.delenv("DDPM_MINI_MANIFEST", raising=False)
@@ -74,3 +161,219 @@ def test_readme_sample_command_fetches_the_pretrained_model(tmp_path, http_serve
     img = nib.load(tmp_path / "sample_flow.nii.gz")
     assert img.shape == (16, 16, 16) and (tmp_path / "sample_flow.png").exists()
     assert "with the flow model on cpu" in capsys.readouterr().out
+
+
+# --- train and demo -------------------------------------------------------------------------------
+
+
+def test_cli_train_resume_and_sample(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    base = ["train", "--phantoms", "--prediction", "sample", "--size", "16", "16", "16", "--batch-size", "1",
+            "--out", str(out), "--checkpoint-every", "2"]
+    assert dm.main(base + ["--steps", "3"]) == 0
+    assert "sample with: python ddpm_mini.py sample --weights" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    assert dm.main(base + ["--steps", "3"]) == 1 and "--resume" in capsys.readouterr().err
+    assert dm.main(base + ["--steps", "4", "--resume"]) == 0
+    assert "from step_000003" in capsys.readouterr().out
+    with open(out / "history.csv") as f:
+        assert [r[0] for r in csv.reader(f)] == ["step", "1", "2", "3", "4"]
+    _, meta = dm.load_model(out / "checkpoints" / "step_000004" / "ema.safetensors")
+    assert meta["unet"]["channels"] == list(dm.TEACHING_UNET["channels"])
+    assert meta["schedule"] == dm.DEFAULT_SCHEDULE.config() and meta["shape"] == [16, 16, 16]
+
+    # sample from the run folder: EMA weights, prediction and size from the metadata
+    assert dm.main(["sample", "--weights", str(out), "--n", "2", "--steps", "2", "--out-dir", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "sample_model_seed0000.nii.gz", "sample_model_seed0000.png", "sample_model_seed0001.nii.gz", "sample_model_seed0001.png"]
+    assert nib.load(tmp_path / "s" / "sample_model_seed0001.nii.gz").shape == (16, 16, 16)
+    # under torchrun each rank makes samples i with i % WORLD_SIZE == RANK
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dm.main(["sample", "--weights", str(out / "checkpoints" / "step_000004"), "--n", "3", "--steps", "2",
+                    "--out-dir", str(tmp_path / "r1")]) == 0
+    assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == ["sample_model_seed0001.nii.gz", "sample_model_seed0001.png"]
+    data = np.asarray(nib.load(tmp_path / "r1" / "sample_model_seed0001.nii.gz").dataobj)
+    assert np.array_equal(data, np.asarray(nib.load(tmp_path / "s" / "sample_model_seed0001.nii.gz").dataobj))
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert dm.main(["sample", "--weights", str(tmp_path / "s"), "--steps", "2"]) == 1
+    assert "neither ema.safetensors nor a complete checkpoint" in capsys.readouterr().err
+
+
+def test_cli_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert dm.main(["demo", "--minutes", "5", "--steps", "2", "--size", "16", "16", "16", "--n", "2",
+                    "--sample-steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["demo_0.nii.gz", "demo_0.png", "demo_1.nii.gz", "demo_1.png"]
+    assert dm.latest_checkpoint(out).name == "step_000002"
+    table = [re.split(r"\s{2,}", line.strip()) for line in printed.splitlines() if " ± " in line or "structure" in line]
+    assert table[0] == ["structure", "phantoms (8, truth)", "samples (2)"]  # format_table: right-aligned columns
+    rows = {cells[0]: " ".join(cells[1:]).split() for cells in table[1:]}
+    truth = [dm.phantom_volumes(dm.phantom(10_000 + i, (16, 16, 16))[1]) for i in range(8)]
+    expected = np.mean([v["white_matter"] for v in truth]) / 1000
+    assert float(rows["white_matter"][0]) == pytest.approx(expected, abs=0.06)
+    assert "segment_phantom" in printed and len(rows) == len(dm.PHANTOM_LABELS) - 1
+    assert all(np.isfinite(float(v[3])) for v in rows.values())  # the samples' means
+    # running it again continues the same run
+    assert dm.main(["demo", "--steps", "3", "--size", "16", "16", "16", "--n", "1", "--sample-steps", "2",
+                    "--out", str(out)]) == 0
+    assert dm.latest_checkpoint(out).name == "step_000003"
+
+
+# --- fetch ----------------------------------------------------------------------------------------
+
+
+def test_cli_fetch(tmp_path, http_server, monkeypatch, capsys):
+    root, base = http_server
+    (root / "v.nii.gz").write_bytes(b"volume" * 500)
+    sha = hashlib.sha256((root / "v.nii.gz").read_bytes()).hexdigest()
+    write_manifest(tmp_path / "m.csv", [
+        dict(name="vol", kind="volume", group="g", url=f"{base}/v.nii.gz", hash=f"sha256:{sha}", verified="true",
+             size="3000", license="CC0"),
+        dict(name="paper_data", kind="source", group="", verified="false", license="DUA required")])
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(tmp_path / "m.csv"))
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DDPM_MINI_MIRROR", raising=False)
+    assert dm.main(["fetch", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "kind", "group", "size", "verified", "licence"]
+    assert lines[1].split() == ["vol", "volume", "g", "0.0", "MB", "true", "CC0"]
+    assert lines[2].split()[:2] == ["paper_data", "source"] and lines[2].endswith("DUA required")
+    assert dm.main(["fetch", "vol"]) == 0
+    path = tmp_path / "cache" / "vol" / "v.nii.gz"
+    assert capsys.readouterr().out.strip() == str(path) and path.read_bytes() == (root / "v.nii.gz").read_bytes()
+    assert dm.main(["fetch", "--group", "g"]) == 0 and capsys.readouterr().out.strip() == str(path)
+    assert dm.main(["fetch"]) == 1 and "NAME, --group G or --list" in capsys.readouterr().err
+    assert dm.main(["fetch", "nope"]) == 1 and "unknown asset 'nope'" in capsys.readouterr().err
+    assert dm.main(["fetch", "paper_data"]) == 1 and "cannot be fetched" in capsys.readouterr().err
+
+
+# --- preprocess -----------------------------------------------------------------------------------
+
+
+def test_cli_preprocess(tmp_path, capsys):
+    """A 1 mm LIA head: (192, 224, 192) uint16 LPS, and the head centre, measured on the output, reported
+    near the grid centre. A 2 mm box: the coarse-voxel warning, 1 mm voxels, the box's volume. Errors
+    (a missing mask or input, a file that is no image, a constant image): `error: ...`, nothing written."""
+    img, landmark = synthetic_head("LIA", (1.0, 1.0, 1.0))
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    assert dm.main(["preprocess", str(tmp_path / "in.nii.gz"), str(tmp_path / "out" / "o.nii.gz")]) == 0
+    printed = capsys.readouterr().out
+    assert "(192, 224, 192)" in printed
+    found = re.search(r"head centre at voxel \(([-\d.]+), ([-\d.]+), ([-\d.]+)\); grid centre \(95\.5, 111\.5, 95\.5\)",
+                      printed)
+    assert found, printed
+    centre = np.array([float(v) for v in found.groups()])
+    assert np.abs(centre - GRID_CENTRE).max() < 1.5
+    out = nib.load(str(tmp_path / "out" / "o.nii.gz"))
+    assert out.shape == dm.IMAGE_SHAPE and out.get_data_dtype() == np.uint16
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(centre, dm._head_centre(np.asarray(out.dataobj, np.float32)), atol=0.051)  # of the output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["o.nii.gz"]   # no temporary left
+    assert dm.main(["preprocess", str(tmp_path / "in.nii.gz"), str(tmp_path / "bad.nii.gz"),
+                    "--mask", str(tmp_path / "missing.nii.gz")]) == 1
+    err = capsys.readouterr().err
+    assert "error" in err and not (tmp_path / "bad.nii.gz").exists()
+    assert err.startswith("error: ") and "missing.nii.gz" in err
+
+    arr = np.zeros((40, 48, 40), np.float32)
+    arr[8:32, 8:40, 8:32] = 100 + np.arange(24)[:, None, None]
+    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "in2.nii.gz"))
+    with pytest.warns(UserWarning, match="coarser than 1.2 mm"):
+        assert dm.main(["preprocess", str(tmp_path / "in2.nii.gz"), str(tmp_path / "o" / "out.nii.gz")]) == 0
+    assert "(192, 224, 192)" in capsys.readouterr().out
+    img = nib.load(tmp_path / "o" / "out.nii.gz")
+    assert img.shape == dm.IMAGE_SHAPE and img.get_data_dtype() == np.uint16
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and np.allclose(img.header.get_zooms(), 1)
+    data = np.asarray(img.dataobj)
+    box_mm3 = 48 * 64 * 48  # the 24 x 32 x 24 box of 2 mm voxels, now at 1 mm
+    assert data.max() == 65535 and abs((data > 0).sum() / box_mm3 - 1) < 0.1
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["out.nii.gz"]
+    assert dm.main(["preprocess", str(tmp_path / "missing.nii.gz"), str(tmp_path / "o" / "x.nii.gz")]) == 1
+    assert not (tmp_path / "o" / "x.nii.gz").exists() and capsys.readouterr().err.startswith("error: ")
+    (tmp_path / "notes.txt").write_text("not an image")                         # nibabel's ImageFileError
+    assert dm.main(["preprocess", str(tmp_path / "notes.txt"), str(tmp_path / "o" / "y.nii.gz")]) == 1
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "o" / "y.nii.gz").exists()
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), 3.0, np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
+    assert dm.main(["preprocess", str(tmp_path / "flat.nii.gz"), str(tmp_path / "o" / "z.nii.gz")]) == 1
+    assert "constant" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["out.nii.gz"]
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def test_cli_on_synthseg_csvs(tmp_path, capsys):
+    subj = lambda tag, n: [f"/data/{tag}-{i:02d}.nii.gz" for i in range(n)]  # noqa: E731
+    synthseg_csv(tmp_path / "real.csv", SYNTHSEG2, subj("real", 20), seed=1, thalamus_mm3=7000)
+    synthseg_csv(tmp_path / "sample.csv", SYNTHSEG2, subj("sample", 15), seed=2, thalamus_mm3=5500)
+    synthseg_csv(tmp_path / "flow.csv", SYNTHSEG1 + PARC, subj("flow", 15), seed=3, thalamus_mm3=7000)
+    code = dm.main(["evaluate", "--real", str(tmp_path / "real.csv"),
+                    "--synthetic", f"sample={tmp_path / 'sample.csv'}", f"flow={tmp_path / 'flow.csv'}",
+                    "--out", str(tmp_path / "out"), "--structures", "thalamus", "caudate",
+                    "--merge-lr", "--permutations", "999", "--seed", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "p_adjusted" in printed and "wrote" in printed
+    rows = dm.read_rows_csv(tmp_path / "out" / "volumes.csv")
+    assert [(r["set"], r["structure"]) for r in rows] == [("sample", "thalamus"), ("sample", "caudate"),
+                                                          ("flow", "thalamus"), ("flow", "caudate")]
+    assert rows[0]["p"] == 1 / 1000 and rows[0]["difference"] == pytest.approx(-3000, abs=600)
+    assert rows[2]["p"] > 0.01
+    assert (tmp_path / "out" / "volumes.png").stat().st_size > 10_000
+    assert dm.main(["evaluate", "--real", str(tmp_path / "real.csv"), "--synthetic", "flow.csv", "--out", "x"]) == 1
+    assert "NAME=CSV|DIR" in capsys.readouterr().err
+    assert dm.main(["evaluate", "--real", str(tmp_path / "nope.csv"), "--synthetic", f"a={tmp_path / 'flow.csv'}",
+                    "--out", str(tmp_path / "o2")]) == 1
+    assert "nope.csv" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_on_phantom_folders(tmp_path, capsys):
+    for d in ("real", "flow", "sample"):
+        (tmp_path / d).mkdir()
+    real = write_phantom_folder(tmp_path / "real", range(0, 6))
+    write_phantom_folder(tmp_path / "flow", range(10, 16), labels=True)
+    write_phantom_folder(tmp_path / "sample", range(20, 26), head_scale=1.15)  # every length x 1.15
+    code = dm.main(["evaluate", "--real", str(tmp_path / "real"), "--synthetic", f"flow={tmp_path / 'flow'}",
+                    f"sample={tmp_path / 'sample'}", "--out", str(tmp_path / "out"), "--merge-lr",
+                    "--structures", "thalamus", "putamen", "lateral_ventricles", "--permutations", "999"])
+    assert code == 0 and "thalamus" in capsys.readouterr().out
+    rows = {(r["set"], r["structure"]): r for r in dm.read_rows_csv(tmp_path / "out" / "volumes.csv")}
+    assert len(rows) == 6
+    true_thalamus = np.mean([v["left_thalamus"] + v["right_thalamus"] for v in real])
+    assert rows["flow", "thalamus"]["mean_real"] == pytest.approx(true_thalamus, rel=0.03)
+    assert rows["flow", "thalamus"]["p"] > 0.01                   # same distribution
+    assert rows["sample", "thalamus"]["p"] < 0.01                 # 1.15^3 = 1.52 x the volume
+    assert rows["sample", "thalamus"]["difference"] > 0.3 * true_thalamus
+    t = dm.load_volume_table(tmp_path / "flow")                   # label maps: used as they are
+    assert t["subject"][0] == "p10_labels.nii.gz" and set(t) == {"subject", "volumes"} and len(t["subject"]) == 6
+    with pytest.raises(ValueError, match="no .nii"):
+        dm.load_volume_table(tmp_path / "out")
+
+
+def test_cli_through_python_ddpm_mini_py(tmp_path):
+    synthseg_csv(tmp_path / "real.csv", SYNTHSEG2, [f"r{i}" for i in range(8)], seed=1)
+    synthseg_csv(tmp_path / "v.csv", SYNTHSEG2, [f"v{i}" for i in range(8)], seed=2)
+    done = subprocess.run([sys.executable, dm.__file__, "evaluate", "--real", str(tmp_path / "real.csv"),
+                           "--synthetic", f"velocity={tmp_path / 'v.csv'}", "--out", str(tmp_path / "out"),
+                           "--structures", "left thalamus", "--permutations", "99"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "left thalamus" in done.stdout and (tmp_path / "out" / "volumes.csv").exists()
+    # an error through the script: `error: ...` on stderr, exit status 1
+    done = subprocess.run([sys.executable, dm.__file__, "evaluate", "--real", str(tmp_path / "nope.csv"),
+                           "--synthetic", f"v={tmp_path / 'v.csv'}", "--out", str(tmp_path / "o2")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "nope.csv" in done.stderr
+
+
+def test_cli_train_resume_keeps_the_run_schedule(tmp_path):
+    """A run started through the API with another schedule continues with it under `train --resume`."""
+    short = dm.Schedule(T=500)
+    dm.train(dm.UNet(**dm.TEACHING_UNET), dm.PhantomDataset(shape=(16, 16, 16)), "flow", 2, out=tmp_path / "run",
+             schedule=short, progress=False)
+    assert dm.main(["train", "--phantoms", "--prediction", "flow", "--size", "16", "16", "16", "--batch-size", "1",
+                    "--out", str(tmp_path / "run"), "--steps", "3", "--resume"]) == 0
+    assert dm.latest_checkpoint(tmp_path / "run").name == "step_000003"
+    assert dm.load_model(tmp_path / "run")[1]["schedule"] == short.config()

@@ -1,4 +1,6 @@
-"""Names, schedule, parameterizations and the loss, checked against the GUIDE's equations."""
+"""Sections 2-4 (constants, noise schedule, parameterizations and loss), checked against the
+equations of docs/math.md (#notation, #schedule, #parameterizations, #implied-x0-weights,
+#error-amplification, #conversions, #training-loss)."""
 import math
 
 import numpy as np
@@ -7,6 +9,8 @@ import torch
 
 import ddpm_mini as dm
 from conftest import TINY_UNET, randomize
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def test_names_and_aliases():
@@ -18,6 +22,10 @@ def test_names_and_aliases():
         dm.canonical_prediction("score")
     assert dm.IMAGE_SHAPE == (192, 224, 192)
     assert dm.MEDFORJ_UNET["channels"] == (16, 32, 64, 128, 256)
+    # the teaching grid: IMAGE_SHAPE's field of view at 4 mm, phantom()'s default voxel there
+    assert dm.TEACHING_SHAPE == (48, 56, 48) == tuple(s // 4 for s in dm.IMAGE_SHAPE)
+    assert dm._phantom_voxel_mm(dm.TEACHING_SHAPE).tolist() == [4.0, 4.0, 4.0]
+    np.testing.assert_array_equal(dm.LPS_AFFINE, np.diag([-1.0, -1.0, 1.0, 1.0]))
 
 
 def test_schedule_numbers():
@@ -26,10 +34,18 @@ def test_schedule_numbers():
     abar = np.cumprod(1 - betas)
     assert s.T == 1000 and s.alpha_bar.shape == (1000,)
     np.testing.assert_allclose(s.alpha_bar.numpy(), abar, rtol=1e-12)
-    assert abs(s.alpha_bar[999].item() - 4.04e-5) < 0.01e-5  # GUIDE: abar_999 = 4.0e-5
+    assert abs(s.alpha_bar[999].item() - 4.04e-5) < 0.01e-5  # docs/math.md#schedule: abar_999 = 4.04e-5
     # noise prediction's x0 error amplification at the first step: sigma / alpha ~ 157
+    # (docs/math.md#error-amplification)
     alpha, sigma = s.alpha_sigma(torch.tensor([999]))
     assert 150 < (sigma / alpha).item() < 160
+    # the table of values in docs/math.md#schedule
+    t = torch.tensor([0, 499, 999])
+    alpha, sigma = s.alpha_sigma(t)
+    np.testing.assert_allclose(s.alpha_bar[t].numpy(), [0.9999, 0.0786, 4.04e-5], rtol=2e-3)
+    np.testing.assert_allclose(s.snr(t).numpy(), [9999, 0.0853, 4.04e-5], rtol=2e-3)
+    np.testing.assert_allclose((sigma / alpha).numpy(), [0.0100, 3.42, 157.4], rtol=2e-3)
+    assert s.snr(t).dtype == torch.float64 and s.betas.dtype == torch.float64
     # t = -1 is the clean end
     alpha, sigma = s.alpha_sigma(torch.tensor([-1, 0]))
     assert alpha[0] == 1 and sigma[0] == 0 and sigma[1] > 0
@@ -37,6 +53,32 @@ def test_schedule_numbers():
         s.alpha_sigma(torch.tensor([1000]))
     with pytest.raises(ValueError, match="integers"):
         s.alpha_sigma(torch.tensor([0.5]))
+
+
+def test_schedule_config_equality_and_default():
+    """A schedule is its config: from_config rebuilds it, == compares configs (stored in weights files)."""
+    assert isinstance(dm.DEFAULT_SCHEDULE, dm.Schedule) and dm.DEFAULT_SCHEDULE == dm.Schedule()
+    assert dm.DEFAULT_SCHEDULE.config() == {"T": 1000, "beta_start": 1e-4, "beta_end": 2e-2, "kind": "linear"}
+    assert dm._schedule(None) is dm.DEFAULT_SCHEDULE
+    short = dm.Schedule(T=500, beta_start=2e-4, beta_end=0.03)
+    assert dm._schedule(short) is short
+    rebuilt = dm.Schedule.from_config(short.config())
+    assert rebuilt == short and rebuilt is not short and torch.equal(rebuilt.alpha_bar, short.alpha_bar)
+    assert dm.Schedule.from_config({"T": 500, "beta_start": 2e-4, "beta_end": 0.03}) == short  # kind optional
+    assert short != dm.Schedule(T=500) and dm.Schedule(T=500) != dm.DEFAULT_SCHEDULE
+    assert dm.Schedule() != short.config() and dm.Schedule() != None  # noqa: E711 (only schedules are equal)
+    config = short.config()
+    config["T"] = 7
+    assert short.T == 500  # config() is a copy
+    with pytest.raises(ValueError, match="linear schedule only"):
+        dm.Schedule.from_config(dict(short.config(), kind="cosine"))
+    for bad in (dict(T=1), dict(beta_start=0.0), dict(beta_start=0.03, beta_end=0.02), dict(beta_end=1.0)):
+        with pytest.raises(ValueError, match="T >= 2"):
+            dm.Schedule(**bad)
+    # another T: timesteps, grids and the loss follow it
+    with pytest.raises(ValueError, match="-1..499"):
+        short.alpha_sigma(torch.tensor([500]))
+    assert dm.timestep_pairs(2, schedule=short) == [(499, 0), (0, -1)]
 
 
 def test_add_noise_matches_formula():
@@ -65,7 +107,8 @@ def test_round_trip_without_clipping(prediction):
         torch.testing.assert_close(eps_hat, eps, rtol=0, atol=1e-9)
 
 
-def test_targets_are_the_guide_formulas():
+def test_targets_are_the_documented_formulas():
+    """The targets of the table in docs/math.md#parameterizations, by hand."""
     s = dm.Schedule()
     x0, eps = torch.full((1, 3), 0.5, dtype=torch.float64), torch.full((1, 3), -2.0, dtype=torch.float64)
     t = torch.tensor([300])
@@ -89,7 +132,8 @@ def test_clipping_keeps_the_pair_consistent(prediction):
 
 @pytest.mark.parametrize("prediction", dm.PREDICTIONS)
 def test_x0_loss_weight(prediction):
-    """|u_hat - u|^2 = w(t) |x0_hat - x0|^2 for a perturbed output, with w from the GUIDE table."""
+    """|u_hat - u|^2 = w(t) |x0_hat - x0|^2 for a perturbed output, with w from the table in
+    docs/math.md#implied-x0-weights."""
     s = dm.Schedule()
     g = torch.Generator().manual_seed(3)
     t = torch.tensor([0, 10, 250, 600, 999])
@@ -108,17 +152,36 @@ def test_x0_loss_weight(prediction):
     torch.testing.assert_close(w, expected, rtol=1e-12, atol=0)
 
 
+def test_x0_loss_weight_values_and_flow_divisor():
+    """The values table of docs/math.md#implied-x0-weights, and flow's divisor alpha + sigma in
+    [1, sqrt(2)] (docs/math.md#error-amplification)."""
+    t = torch.tensor([0, 499, 999])
+    table = {"noise": [9999, 0.0853, 4.04e-5], "sample": [1, 1, 1], "velocity": [10000, 1.085, 1.00004],
+             "flow": [10200, 1.669, 1.0127]}
+    for prediction, values in table.items():
+        w = dm.x0_loss_weight(prediction, t)
+        assert w.dtype == torch.float64 and w.shape == (3,)
+        np.testing.assert_allclose(w.numpy(), values, rtol=2e-3, err_msg=prediction)
+    alpha, sigma = dm.Schedule().alpha_sigma(torch.arange(-1, 1000))
+    divisor = alpha + sigma
+    assert divisor.min() >= 1 - 1e-12 and divisor.max() <= 2**0.5 + 1e-12 and divisor.max() > 1.41
+
+
+@pytest.mark.parametrize("T", [1000, 500])
 @pytest.mark.parametrize("prediction", dm.PREDICTIONS)
-def test_diffusion_loss_is_the_target_space_mse(prediction):
+def test_diffusion_loss_is_the_target_space_mse(prediction, T):
+    """docs/math.md#training-loss, with the default schedule and with another one (T = 500)."""
     model = randomize(dm.UNet(**TINY_UNET))
+    schedule = dm.Schedule(T=T)
     x0 = torch.rand(2, 1, 8, 8, 8) * 2 - 1
-    loss = dm.diffusion_loss(model, x0, prediction, generator=torch.Generator().manual_seed(5))
+    loss = dm.diffusion_loss(model, x0, prediction, schedule=None if T == 1000 else schedule,
+                             generator=torch.Generator().manual_seed(5))
     # redraw t and eps in the same order from the same seed and compute the MSE by hand
     g = torch.Generator().manual_seed(5)
-    t = torch.randint(0, 1000, (2,), generator=g)
+    t = torch.randint(0, T, (2,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    x_t = dm.Schedule().add_noise(x0, eps, t)
-    expected = ((model(x_t, t) - dm.target(prediction, x0, eps, t)) ** 2).mean()
+    x_t = schedule.add_noise(x0, eps, t)
+    expected = ((model(x_t, t) - dm.target(prediction, x0, eps, t, schedule)) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -1,5 +1,7 @@
-"""Section 8 (data): manifest, NIfTI I/O, preprocessing, phantoms, datasets, CLI."""
-import argparse
+"""Section 8 (data): NIfTI I/O and intensities (docs/methods.md#intensity-conventions), minimal
+preprocessing (docs/methods.md#preprocessing), phantoms (docs/methods.md#phantoms), datasets and
+augmentation (docs/methods.md#augmentation); and the asset list data_manifest.csv, checked in the
+repository alone. The preprocess command: test_cli.py."""
 import csv
 import pathlib
 import re
@@ -11,11 +13,10 @@ import pytest
 import torch
 
 import ddpm_mini as dm
+from conftest import GRID_CENTRE, HEAD_CENTRE, synthetic_head
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data-sources"
 HASH = re.compile(r"^(md5:[0-9a-f]{32}|sha256:[0-9a-f]{64})$")
-GRID_CENTRE = (np.array(dm.IMAGE_SHAPE) - 1) / 2
 
 
 # --- manifest ---------------------------------------------------------------------------------
@@ -57,21 +58,14 @@ def test_manifest_validates():
     assert [sum(int(c[i].replace(",", "")) for c in counts) for i in (0, 1)] == [42506, 80675]
     adni = next(r for r in rows if r["name"] == "train_adni")
     assert "acknowledgement, byline, notice" in adni["description"] and adni["license"].startswith("DUA")
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data-sources (the published facts) is not beside the repo")
-def test_manifest_hashes_are_the_published_ones():
-    published = {}  # url -> (hash, size) as the facts files give them
-    for path in SHARED.glob("*.csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                published[r["url"]] = (r["hash"], r["size"])
-    text = "".join(p.read_text(encoding="utf-8") for p in SHARED.iterdir() if p.is_file())
-    for r in _manifest_rows():
-        if r["hash"]:
-            assert r["hash"] in text, r["name"]
-            assert published[r["url"]][0] == r["hash"], r["name"]  # the hash published for this url
-            assert published[r["url"]][1] == r["size"], r["name"]
+    # every fetchable file has its own url and (where published) its own hash; verified rows have one
+    urls = [r["url"] for r in rows if r["url"]]
+    hashes = [r["hash"] for r in rows if r["hash"]]
+    assert len(set(urls)) == len(urls) and len(set(hashes)) == len(hashes)
+    assert all(r["hash"] for r in rows if r["verified"] == "true")
+    # read_manifest gives back exactly the file's cells, keyed by name, in file order
+    read = dm.read_manifest(ROOT / "data_manifest.csv")
+    assert list(read) == names and all(read[r["name"]] == r for r in rows)
 
 
 # --- NIfTI I/O --------------------------------------------------------------------------------
@@ -91,38 +85,23 @@ def test_nifti_round_trip(tmp_path):
     lo, hi = vol.min(), vol.max()  # min-max scaling: x = lo + u / 65535 (hi - lo)
     quantum = (hi - lo) / 65535
     assert np.abs(lo + data * quantum - vol).max() <= quantum / 2 + 1e-5
-    # to_model/from_model give the same quantisation as the file
-    x = dm.to_model(vol)
+    # normalize_intensity/to_uint16 give the same quantisation as the file
+    x = dm.normalize_intensity(vol)
+    assert torch.is_tensor(x) and x.dtype == torch.float32 and x.shape == vol.shape
     assert x.min() == -1 and x.max() == 1
-    assert np.abs(dm.from_model(x).astype(np.int64) - data).max() <= 1
-    assert dm.from_model(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0])).tolist() == [0, 0, 32768, 65535, 65535]
+    assert dm.to_uint16(x).dtype == np.uint16
+    assert np.abs(dm.to_uint16(x).astype(np.int64) - data).max() <= 1
+    assert dm.to_uint16(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0])).tolist() == [0, 0, 32768, 65535, 65535]
+    ramp = np.array([-1, -0.5, 0, 0.5, 1], np.float64)  # arrays of any dtype: always uint16
+    assert dm.to_uint16(ramp).dtype == np.uint16 and dm.to_uint16(ramp).tolist() == [0, 16384, 32768, 49151, 65535]
+    # min-max: x -> 2 (x - min) / (max - min) - 1 for arrays and tensors alike; a constant volume -> -1
+    torch.testing.assert_close(dm.normalize_intensity(torch.tensor([2.0, 3.0, 6.0])), torch.tensor([-1.0, -0.5, 1.0]))
+    assert dm.normalize_intensity(np.full((2, 2), 7.0)).tolist() == [[-1.0, -1.0], [-1.0, -1.0]]
     default = nib.load(str(dm.save_nifti(np.ones((4, 4, 4)), tmp_path / "c.nii")))
     assert nib.aff2axcodes(default.affine) == ("L", "P", "S") and not np.asarray(default.dataobj).any()
 
 
 # --- preprocess -------------------------------------------------------------------------------
-
-_STEP = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
-_HEAD_C, _HEAD_SEMI = np.array([3.0, -8.0, 10.0]), np.array([68.0, 88.0, 75.0])  # world (RAS) mm
-
-
-def synthetic_head(codes="RAS", zooms=(1.0, 1.0, 1.0), landmark=(25.0, -30.0, 30.0)):
-    """A noisy ellipsoid head (brighter core) in a 150 x 190 x 166 mm box around world 0, stored
-    with axis codes `codes` and voxel sizes `zooms`, plus a 24 mm cube of 1000 at `landmark`
-    (world mm; > 0.1 % of the voxels, so it alone reaches the 99.9 percentile).
-    Returns (nibabel image, world centre (3,) of the cube's voxels)."""
-    rot = np.stack([_STEP[c] for c in codes], 1) * np.asarray(zooms, float)   # voxel step -> mm
-    extent = np.array([150.0, 190.0, 166.0])[np.abs(rot).argmax(0)]
-    shape = tuple(int(np.ceil(e / z)) for e, z in zip(extent, zooms))
-    affine = np.eye(4)
-    affine[:3, :3], affine[:3, 3] = rot, -rot @ ((np.array(shape) - 1) / 2)
-    world = np.tensordot(rot, np.indices(shape, dtype=np.float32), 1) + affine[:3, 3, None, None, None]
-    r2 = (((world - _HEAD_C[:, None, None, None]) / _HEAD_SEMI[:, None, None, None]) ** 2).sum(0)
-    data = 100.0 * (r2 <= 1) + 60.0 * (r2 <= 0.6) + np.random.default_rng(0).normal(0, 4, shape)
-    cube = (np.abs(world - np.array(landmark)[:, None, None, None]) <= 12).all(0)
-    data[cube] = 1000.0
-    return nib.Nifti1Image(data.astype(np.float32), affine), world[:, cube].mean(1)
-
 
 def _world(affine, ijk):
     return affine[:3, :3] @ np.asarray(ijk, float) + affine[:3, 3]
@@ -148,7 +127,8 @@ def test_preprocess_orientations_and_voxel_sizes(codes, zooms):
     # the head (foreground) is centred on the grid, and its centre is where the input's was
     head = np.argwhere(data > 3000).mean(0)
     assert np.abs(head - GRID_CENTRE).max() < 2
-    assert np.abs(_world(out.affine, head) - _HEAD_C).max() < 2
+    assert np.abs(dm._head_centre(data) - GRID_CENTRE).max() < 1.5  # what the preprocess command reports
+    assert np.abs(_world(out.affine, head) - HEAD_CENTRE).max() < 2
     if zooms == (1, 1, 1):  # a 1 mm input is copied voxel for voxel, not interpolated
         src = np.asarray(img.dataobj)
         m = np.linalg.inv(img.affine) @ out.affine
@@ -319,7 +299,7 @@ def test_volume_dataset(tmp_path):
     assert a.shape == (1, 48, 56, 48) and a.dtype == torch.float32
     assert a.min() == -1 and a.max() == 1
     assert torch.equal(a, b)                                                    # reoriented to LPS
-    ref = dm.to_model(torch.nn.functional.avg_pool3d(torch.from_numpy(vol)[None, None], 2)[0])
+    ref = dm.normalize_intensity(torch.nn.functional.avg_pool3d(torch.from_numpy(vol)[None, None], 2)[0])
     assert (a - ref).abs().max() < 2 / 65535 * 2 + 1e-5                           # area pooling
     assert dm.VolumeDataset([folder / "b.nii"], size=(32, 40, 24))[0].shape == (1, 32, 40, 24)
     # anisotropic voxels (4, 2, 1) mm in LPS order, stored with axes P, S, L
@@ -358,24 +338,3 @@ def test_phantom_dataset():
     assert b1.shape == (2, 1, 32, 32, 32) and b1.dtype == torch.float32
     assert b0.min() >= -1 and b1.max() <= 1 and not torch.equal(b0, b1)
     assert torch.equal(b1[1], dm.PhantomDataset(shape=(32, 32, 32), augment=True)[3])  # deterministic
-
-
-# --- command line -----------------------------------------------------------------------------
-
-def test_cli_preprocess(tmp_path, capsys):
-    img, landmark = synthetic_head("LIA", (1.0, 1.0, 1.0))
-    nib.save(img, str(tmp_path / "in.nii.gz"))
-    parser = argparse.ArgumentParser(prog="ddpm_mini")
-    dm._preprocess_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["preprocess", str(tmp_path / "in.nii.gz"), str(tmp_path / "out" / "o.nii.gz")])
-    assert dm._cmd_preprocess(args) == 0
-    printed = capsys.readouterr().out
-    assert "(192, 224, 192)" in printed and "centre at voxel (95.5, 111.5, 95.5)" in printed
-    out = nib.load(str(tmp_path / "out" / "o.nii.gz"))
-    assert out.shape == dm.IMAGE_SHAPE and out.get_data_dtype() == np.uint16
-    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["o.nii.gz"]   # no temporary left
-    args = parser.parse_args(["preprocess", str(tmp_path / "in.nii.gz"), str(tmp_path / "bad.nii.gz"),
-                              "--mask", str(tmp_path / "missing.nii.gz")])
-    assert dm._cmd_preprocess(args) == 1
-    assert "error" in capsys.readouterr().err and not (tmp_path / "bad.nii.gz").exists()

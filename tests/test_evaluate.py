@@ -1,49 +1,21 @@
-"""Section 10 (evaluation): volume statistics, SynthSeg CSVs, image checks, report, CLI."""
-import argparse
+"""Section 10 (evaluation, docs/methods.md#regional-volume-statistics): volume tables and SynthSeg
+CSVs, statistics, the text table, the comparison report, phantom segmentation
+(docs/methods.md#phantom-segmenter), Dice and regional volumes. The evaluate command: test_cli.py.
+(The lessons' image checks, histograms, SSIM and diversity, live in notebooks/lab.py: test_lab.py.)"""
 import math
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import ddpm_mini as dm
+from conftest import PARC, SYNTHSEG1, SYNTHSEG2, phantom_affine, synthseg_csv, write_phantom_folder
 
 # ---------------------------------------------------------------------------
-# SynthSeg --vol CSV fixtures, built from the structure list (no real subjects)
+# Volume tables: SynthSeg --vol CSVs (fixtures from the structure list, conftest.py)
 # ---------------------------------------------------------------------------
-
-SYNTHSEG2 = [
-    "total intracranial", "left cerebral white matter", "left cerebral cortex", "left lateral ventricle",
-    "left inferior lateral ventricle", "left cerebellum white matter", "left cerebellum cortex",
-    "left thalamus", "left caudate", "left putamen", "left pallidum", "3rd ventricle", "4th ventricle",
-    "brain-stem", "left hippocampus", "left amygdala", "csf", "left accumbens area", "left ventral DC",
-    "right cerebral white matter", "right cerebral cortex", "right lateral ventricle",
-    "right inferior lateral ventricle", "right cerebellum white matter", "right cerebellum cortex",
-    "right thalamus", "right caudate", "right putamen", "right pallidum", "right hippocampus",
-    "right amygdala", "right accumbens area", "right ventral DC",
-]
-SYNTHSEG1 = [s for s in SYNTHSEG2 if s not in ("total intracranial", "csf")]
-DK = ("bankssts caudalanteriorcingulate caudalmiddlefrontal cuneus entorhinal fusiform inferiorparietal "
-      "inferiortemporal isthmuscingulate lateraloccipital lateralorbitofrontal lingual medialorbitofrontal "
-      "middletemporal parahippocampal paracentral parsopercularis parsorbitalis parstriangularis pericalcarine "
-      "postcentral posteriorcingulate precentral precuneus rostralanteriorcingulate rostralmiddlefrontal "
-      "superiorfrontal superiorparietal superiortemporal supramarginal frontalpole temporalpole "
-      "transversetemporal insula").split()
-PARC = [f"ctx-lh-{p}" for p in DK] + [f"ctx-rh-{p}" for p in DK]
-
-
-def synthseg_csv(path, structures, subjects, seed=0, thalamus_mm3=7000.0):
-    """Write a SynthSeg-style CSV with made-up volumes; returns the (subjects, S) value array."""
-    rng = np.random.default_rng(seed)
-    values = rng.uniform(500, 5000, size=(len(subjects), len(structures))).round(3)
-    for j, s in enumerate(structures):
-        if s.endswith("thalamus"):
-            values[:, j] = rng.normal(thalamus_mm3, 500, len(subjects)).round(3)
-    lines = [",".join(["subject", *structures])]
-    lines += [",".join([subj, *map(str, row)]) for subj, row in zip(subjects, values)]
-    path.write_text("\n".join(lines) + "\n")
-    return values
 
 
 @pytest.mark.parametrize("structures", [SYNTHSEG2, SYNTHSEG2 + PARC, SYNTHSEG1], ids=["v2", "v2-parc", "v1"])
@@ -55,7 +27,7 @@ def test_read_synthseg_csv_variants(tmp_path, structures):
     assert list(t["volumes"]) == [s.lower() for s in structures]       # order kept, names normalised
     assert len(t["volumes"]) == {33: 33, 101: 101, 31: 31}[len(structures)]
     assert t["subject"] == subjects
-    assert t["id"] == ["sub-01_T1w", "sub-02_T1w", "sub-03"]
+    assert set(t) == {"subject", "volumes"}                           # a volume table: nothing else
     got = np.stack(list(t["volumes"].values()), axis=1)
     np.testing.assert_array_equal(got, values)
     assert got.dtype == np.float64
@@ -234,48 +206,22 @@ def test_compare_volumes_rows():
 
 
 # ---------------------------------------------------------------------------
-# Image-level checks
+# The text table and the report
 # ---------------------------------------------------------------------------
 
-def test_histograms_and_distance():
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-0.8, 0.4, size=(2, 16, 16, 16))
-    p, edges = dm.intensity_histogram(x, bins=100)
-    assert p.shape == (100,) and edges.shape == (101,) and p.sum() == pytest.approx(1.0)
-    q, _ = dm.intensity_histogram(x + 0.2, bins=100)       # 10 bins of 0.02 to the right
-    d = dm.histogram_distance(p, q, edges)
-    assert d["wasserstein"] == pytest.approx(0.2, abs=0.003)  # rounding of values near bin edges
-    assert 0 < d["js"] < 1
-    assert dm.histogram_distance(p, p, edges) == {"wasserstein": 0.0, "js": 0.0}
-    disjoint = dm.histogram_distance(*dm.intensity_histogram(np.full((1, 4, 4, 4), -0.9), bins=10)[:1],
-                                     dm.intensity_histogram(np.full((1, 4, 4, 4), 0.9), bins=10)[0], edges[::10])
-    assert disjoint["js"] == pytest.approx(1.0) and disjoint["wasserstein"] == pytest.approx(1.8)
-    mask = np.zeros((16, 16, 16), bool)
-    mask[:8] = True
-    pm, _ = dm.intensity_histogram(x, bins=100, mask=mask)
-    assert pm.sum() == pytest.approx(1.0) and not np.allclose(pm, p)
-    with pytest.raises(ValueError, match="no voxels"):
-        dm.intensity_histogram(x, mask=np.zeros((16, 16, 16), bool))
-
-
-def test_ssim_and_diversity():
-    g = torch.Generator().manual_seed(0)
-    noise = torch.rand(4, 24, 24, 24, generator=g) * 2 - 1
-    assert dm.diversity(noise) < 0.1
-    assert abs(dm.diversity(noise)) < 0.02                # measured 0.004
-    same = noise[:1].repeat(3, 1, 1, 1)
-    assert dm.diversity(same) == pytest.approx(1.0, abs=1e-5)
-    smooth = torch.linspace(-1, 1, 24).view(24, 1, 1).expand(24, 24, 24)
-    collapsed = (smooth + 0.05 * noise).clamp(-1, 1)      # one mode plus a little noise
-    assert 0.8 < dm.diversity(collapsed) < 0.99          # measured 0.95
-    assert dm.diversity(noise, max_pairs=2) == pytest.approx(dm.diversity(noise), abs=0.05)
-    with pytest.raises(ValueError, match="at least 2"):
-        dm.diversity(noise[:1])
-
-
-# ---------------------------------------------------------------------------
-# Report and command line
-# ---------------------------------------------------------------------------
+def test_format_table():
+    text = dm.format_table([{"set": "flow", "p": 0.012345, "n": 3}, {"set": "sample", "p": 1.0, "n": 12}], ("set", "p"))
+    lines = text.splitlines()
+    assert len(lines) == 3 and lines[1].split() == ["flow", "0.01235"] and len({len(ln) for ln in lines}) == 1
+    assert dm.format_table([]) == "(no rows)"
+    # all of the first row's columns by default, right-aligned, two spaces apart, floats to 4 significant digits
+    rows = [{"set": "flow", "p": 0.012345, "n": 3}, {"set": "sample", "p": np.float64(1.0), "n": 12}]
+    assert dm.format_table(rows).splitlines() == ["   set        p   n",
+                                                  "  flow  0.01235   3",
+                                                  "sample        1  12"]
+    wide = dm.format_table(rows, ["n", "missing"], width=8).splitlines()
+    assert wide == ["       n   missing", "       3          ", "      12          "]
+    assert dm.format_table([{"x": np.float32(123456.0), "y": 123456}]).splitlines()[1].split() == ["1.235e+05", "123456"]
 
 def test_comparison_report_writes_csv_and_png(tmp_path):
     rng = np.random.default_rng(3)
@@ -297,41 +243,12 @@ def test_comparison_report_writes_csv_and_png(tmp_path):
     assert not list((tmp_path / "rep").glob(".*tmp*"))  # nothing half-written left behind
 
 
-def run_cli(argv):
-    return dm.main(argv)
-
-
-def test_cli_on_synthseg_csvs(tmp_path, capsys):
-    subj = lambda tag, n: [f"/data/{tag}-{i:02d}.nii.gz" for i in range(n)]
-    synthseg_csv(tmp_path / "real.csv", SYNTHSEG2, subj("real", 20), seed=1, thalamus_mm3=7000)
-    synthseg_csv(tmp_path / "sample.csv", SYNTHSEG2, subj("sample", 15), seed=2, thalamus_mm3=5500)
-    synthseg_csv(tmp_path / "flow.csv", SYNTHSEG1 + PARC, subj("flow", 15), seed=3, thalamus_mm3=7000)
-    code = run_cli(["evaluate", "--real", str(tmp_path / "real.csv"),
-                    "--synthetic", f"sample={tmp_path / 'sample.csv'}", f"flow={tmp_path / 'flow.csv'}",
-                    "--out", str(tmp_path / "out"), "--structures", "thalamus", "caudate",
-                    "--merge-lr", "--permutations", "999", "--seed", "3"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "p_adjusted" in printed and "wrote" in printed
-    rows = dm.read_rows_csv(tmp_path / "out" / "volumes.csv")
-    assert [(r["set"], r["structure"]) for r in rows] == [("sample", "thalamus"), ("sample", "caudate"),
-                                                          ("flow", "thalamus"), ("flow", "caudate")]
-    assert rows[0]["p"] == 1 / 1000 and rows[0]["difference"] == pytest.approx(-3000, abs=600)
-    assert rows[2]["p"] > 0.01
-    assert (tmp_path / "out" / "volumes.png").stat().st_size > 10_000
-    assert run_cli(["evaluate", "--real", str(tmp_path / "real.csv"), "--synthetic", "flow.csv", "--out", "x"]) == 1
-    assert "NAME=CSV|DIR" in capsys.readouterr().err
-    assert run_cli(["evaluate", "--real", str(tmp_path / "nope.csv"), "--synthetic", f"a={tmp_path / 'flow.csv'}",
-                    "--out", str(tmp_path / "o2")]) == 1
-    assert "nope.csv" in capsys.readouterr().err
-
-
 # ---------------------------------------------------------------------------
 # Phantom segmentation, Dice, regional volumes (phantom from section 8)
 # ---------------------------------------------------------------------------
 #
 # Measured (segment_phantom against the true labels, Dice minimum over 100 seeds of 64^3
-# raw images, 100 seeds of 48x56x48 images saved as uint16 NIfTI and reloaded with to_model,
+# raw images, 100 seeds of 48x56x48 images saved as uint16 NIfTI and reloaded with normalize_intensity,
 # and 300 seeds of raw 48x56x48): scalp, skull, CSF, cortex, white matter >= 0.999;
 # ventricles 0.957; thalami 0.990; putamina 0.977 (means >= 0.998). Thalamus and putamen
 # volumes within 2.6 % (64^3 and round trip). Extreme draws (atrophy 1, ventricle_scale
@@ -341,11 +258,6 @@ TISSUE_MIN = 0.99      # scalp, skull, csf, cortex, white_matter (worst seen 0.9
 VENTRICLES_MIN = 0.90  # worst seen 0.957 (0.942 with extreme draws)
 DEEP_MIN = 0.95        # thalami and putamina (worst seen 0.977)
 DEEP = ("left_thalamus", "right_thalamus", "left_putamen", "right_putamen")
-
-
-def phantom_affine(shape):
-    v = dm._phantom_voxel_mm(shape)
-    return np.diag([-v[0], -v[1], v[2], 1.0])
 
 
 def check_dice(seg, lab):
@@ -363,7 +275,7 @@ def test_segment_phantom_after_a_uint16_nifti_round_trip(tmp_path):
     for seed in range(6):
         image, lab = dm.phantom(seed, shape=shape)
         saved, _ = dm.load_nifti(dm.save_nifti(image, tmp_path / f"p{seed}.nii.gz", affine=phantom_affine(shape)))
-        seg = dm.segment_phantom(dm.to_model(saved))      # min-max rescaled, quantised
+        seg = dm.segment_phantom(dm.normalize_intensity(saved))      # min-max rescaled, quantised
         assert seg.dtype == np.uint8 and seg.shape == shape
         scores.append(list(check_dice(seg, lab).values()))
         true, got = dm.phantom_volumes(lab), dm.phantom_volumes(seg)
@@ -420,55 +332,41 @@ def test_regional_volumes_from_labels_and_images():
         dm.regional_volumes([np.full((4, 4, 4), 12, np.uint8)])
 
 
-def write_phantom_folder(folder, seeds, labels=False, **params):
-    """Phantom images (as save_nifti writes them: uint16) or *_labels.nii.gz label maps, 4 mm voxels."""
-    import nibabel as nib
-    shape = (48, 56, 48)
-    truth = []
-    for s in seeds:
-        image, lab = dm.phantom(s, shape=shape, **params)
-        truth.append(dm.phantom_volumes(lab))
-        if labels:
-            nib.save(nib.Nifti1Image(lab, phantom_affine(shape)), str(folder / f"p{s:02d}_labels.nii.gz"))
-            dm.save_nifti(image, folder / f"p{s:02d}.nii.gz", affine=phantom_affine(shape))  # ignored
-        else:
-            dm.save_nifti(image, folder / f"p{s:02d}.nii.gz", affine=phantom_affine(shape))
-    return truth
+def test_segment_phantom_survives_constant_volumes():
+    """04 segments samples of barely trained models, which can be constant: no LinAlgError."""
+    for value in (-1.0, 0.0, 1.0):
+        labels = dm.segment_phantom(np.full((48, 56, 48), value, np.float32))
+        assert labels.shape == (48, 56, 48) and len(np.unique(labels)) == 1
+    table = dm.regional_volumes([np.full((48, 56, 48), 1.0, np.float32), np.full((48, 56, 48), -1.0, np.float32)])
+    assert table["volumes"]["white_matter"][1] == 0
 
 
-def test_cli_end_to_end_on_phantom_folders(tmp_path, capsys):
-    for d in ("real", "flow", "sample"):
-        (tmp_path / d).mkdir()
-    real = write_phantom_folder(tmp_path / "real", range(0, 6))
-    write_phantom_folder(tmp_path / "flow", range(10, 16), labels=True)
-    write_phantom_folder(tmp_path / "sample", range(20, 26), head_scale=1.15)  # every length x 1.15
-    code = run_cli(["evaluate", "--real", str(tmp_path / "real"), "--synthetic", f"flow={tmp_path / 'flow'}",
-                    f"sample={tmp_path / 'sample'}", "--out", str(tmp_path / "out"), "--merge-lr",
-                    "--structures", "thalamus", "putamen", "lateral_ventricles", "--permutations", "999"])
-    assert code == 0 and "thalamus" in capsys.readouterr().out
-    rows = {(r["set"], r["structure"]): r for r in dm.read_rows_csv(tmp_path / "out" / "volumes.csv")}
-    assert len(rows) == 6
-    true_thalamus = np.mean([v["left_thalamus"] + v["right_thalamus"] for v in real])
-    assert rows["flow", "thalamus"]["mean_real"] == pytest.approx(true_thalamus, rel=0.03)
-    assert rows["flow", "thalamus"]["p"] > 0.01                   # same distribution
-    assert rows["sample", "thalamus"]["p"] < 0.01                 # 1.15^3 = 1.52 x the volume
-    assert rows["sample", "thalamus"]["difference"] > 0.3 * true_thalamus
-    t = dm.load_volume_table(tmp_path / "flow")                   # label maps: used as they are
-    assert t["subject"][0] == "p10_labels.nii.gz" and t["id"][0] == "p10_labels" and len(t["subject"]) == 6
+def test_load_volume_table_reads_csvs_and_folders(tmp_path):
+    """A SynthSeg CSV; a folder of *_labels.nii.gz label maps (used as they are, the images beside them
+    ignored, voxel sizes from each affine); a folder of phantom images (segmented); and the errors."""
+    values = synthseg_csv(tmp_path / "vol.csv", SYNTHSEG2, ["a.nii.gz", "b.nii.gz"])
+    t = dm.load_volume_table(tmp_path / "vol.csv")
+    assert t["subject"] == ["a.nii.gz", "b.nii.gz"] and set(t) == {"subject", "volumes"}
+    np.testing.assert_array_equal(t["volumes"]["left thalamus"], values[:, SYNTHSEG2.index("left thalamus")])
+    for folder in ("labels", "images", "coarse", "empty"):
+        (tmp_path / folder).mkdir()
+    truth = write_phantom_folder(tmp_path / "labels", range(10, 13), labels=True)
+    t = dm.load_volume_table(tmp_path / "labels")
+    assert t["subject"] == ["p10_labels.nii.gz", "p11_labels.nii.gz", "p12_labels.nii.gz"]
+    assert set(t) == {"subject", "volumes"} and list(t["volumes"]) == list(dm.PHANTOM_LABELS.values())[1:]
+    for i, volumes in enumerate(truth):
+        assert {k: t["volumes"][k][i] for k in volumes} == pytest.approx(volumes, rel=1e-12)
+    _, lab = dm.phantom(10, shape=dm.TEACHING_SHAPE)  # the same labels stored with 2 mm voxels: 1/8 the volume
+    nib.save(nib.Nifti1Image(lab, phantom_affine(dm.TEACHING_SHAPE) @ np.diag([0.5, 0.5, 0.5, 1])),
+             str(tmp_path / "coarse" / "p10_labels.nii.gz"))
+    half = dm.load_volume_table(tmp_path / "coarse")
+    assert half["volumes"]["cortex"][0] == pytest.approx(truth[0]["cortex"] / 8, rel=1e-12)
+    truth = write_phantom_folder(tmp_path / "images", range(3))
+    t = dm.load_volume_table(tmp_path / "images")
+    assert t["subject"] == ["p00.nii.gz", "p01.nii.gz", "p02.nii.gz"]
+    for name in DEEP:
+        np.testing.assert_allclose(t["volumes"][name], [v[name] for v in truth], rtol=0.05)
     with pytest.raises(ValueError, match="no .nii"):
-        dm.load_volume_table(tmp_path / "out")
-
-
-def test_cli_through_python_ddpm_mini_py(tmp_path):
-    import pathlib
-    import subprocess
-    import sys
-    synthseg_csv(tmp_path / "real.csv", SYNTHSEG2, [f"r{i}" for i in range(8)], seed=1)
-    synthseg_csv(tmp_path / "v.csv", SYNTHSEG2, [f"v{i}" for i in range(8)], seed=2)
-    script = pathlib.Path(dm.__file__)
-    done = subprocess.run([sys.executable, str(script), "evaluate", "--real", str(tmp_path / "real.csv"),
-                           "--synthetic", f"velocity={tmp_path / 'v.csv'}", "--out", str(tmp_path / "out"),
-                           "--structures", "left thalamus", "--permutations", "99"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "left thalamus" in done.stdout and (tmp_path / "out" / "volumes.csv").exists()
+        dm.load_volume_table(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="SynthSeg volume CSV or a folder"):
+        dm.load_volume_table(tmp_path / "nope")

@@ -4,16 +4,21 @@ Each notebook runs in a fresh kernel (nbclient) with DDPM_MINI_SMOKE=1: CPU, tin
 no network. Where a notebook fetches the pretrained weights, a loopback HTTP mirror serves
 stand-in files (random weights of UNet(**MEDFORJ_UNET), saved like the published ones), so
 the real fetch path (manifest, Pooch, cache, strict load) runs.
+
+The notebooks import ddpm_mini as dm and lab (notebooks/lab.py, the lessons' own helpers,
+tested in test_lab.py). Their Colab setup cell, which clones the repository to get lab.py,
+runs offline here against a local repository of this working tree.
 """
 import ast
+import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import time
 
-import numpy as np
 import pytest
-import torch
 
 import ddpm_mini as dm
 
@@ -56,15 +61,31 @@ def test_stored_without_outputs_and_valid(name):
         assert "attachments" not in cell or not cell.attachments
 
 
+def _imported(source: str) -> set:
+    """Top-level names a cell's import statements bind (import a.b as c -> c; import a.b -> a)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {alias.asname or alias.name.split(".")[0] for alias in node.names}
+    return names
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_setup_and_parameters_cells(name):
-    """First code cell: the marked REPO_URL, Colab install, device. A cell tagged "parameters"
-    reads SMOKE from DDPM_MINI_SMOKE. A setup cell seeds and picks the data folder."""
+    """First code cell: the marked REPO_URL; on Colab a clone of the repository, installed, with its
+    notebooks/ on sys.path (a checkout uses the folder above); dm, lab and the device. A cell tagged
+    "parameters" reads SMOKE from DDPM_MINI_SMOKE. A setup cell seeds and picks the data folder."""
     code = [c for c in _read(name).cells if c.cell_type == "code"]
     first = code[0].source
     assert 'REPO_URL = "https://github.com/REPLACE-ME/ddpm-mini"' in first
-    assert '"google.colab" in sys.modules' in first and 'f"git+{REPO_URL}"' in first
+    assert '"google.colab" in sys.modules' in first
+    assert '["git", "clone"' in first and "REPO_URL, KIT]" in first
+    assert '"--no-deps", "-e", KIT]' in first
+    assert 'os.path.join(KIT, "notebooks")' in first
+    assert {"dm", "lab", "torch"} <= _imported(_code(code[0]))
     assert "DEVICE =" in first
+    # one setup cell for all five (test_colab_setup_clones_the_kit runs it)
+    assert first == [c for c in _read(NAMES[0]).cells if c.cell_type == "code"][0].source
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[1], f"{name}: the second code cell must be the tagged parameters cell"
     assert 'os.environ.get("DDPM_MINI_SMOKE") == "1"' in tagged[0].source
@@ -74,8 +95,25 @@ def test_setup_and_parameters_cells(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_names_the_notebooks_use_exist(name):
+    """Every dm.X a notebook reads is in ddpm_mini, every lab.X in notebooks/lab.py (no kernel needed)."""
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import lab
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    modules = {"dm": dm, "lab": lab}
+    used = {(node.value.id, node.attr) for cell in _read(name).cells if cell.cell_type == "code"
+            for node in ast.walk(ast.parse(_code(cell)))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules}
+    missing = sorted(f"{mod}.{attr}" for mod, attr in used if not hasattr(modules[mod], attr))
+    assert not missing, f"{name} uses names that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_thin_cells(name):
-    """Functions defined in a notebook stay a few lines long; prose and code alternate."""
+    """Functions defined in a notebook stay a few lines long (longer ones that only the lessons use
+    go in notebooks/lab.py); prose and code alternate."""
     nb = _read(name)
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -84,8 +122,10 @@ def test_thin_cells(name):
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 lines = node.end_lineno - node.lineno + 1
-                assert lines <= MAX_FUNCTION_LINES, f"{name}: a {lines}-line function belongs in ddpm_mini"
-            assert not isinstance(node, ast.ClassDef), f"{name}: a class belongs in ddpm_mini"
+                assert lines <= MAX_FUNCTION_LINES, (f"{name}: a {lines}-line function belongs in notebooks/lab.py "
+                                                     "(or in ddpm_mini, if users or the CLI call it)")
+            assert not isinstance(node, ast.ClassDef), (f"{name}: a class belongs in notebooks/lab.py "
+                                                        "(or in ddpm_mini, if users or the CLI call it)")
         assert len(cell.source.splitlines()) <= 16, f"{name}: a long code cell:\n{cell.source}"
     kinds = [c.cell_type for c in nb.cells]
     assert kinds.count("markdown") >= kinds.count("code") // 2 + 1, f"{name}: too little prose"
@@ -100,86 +140,102 @@ def test_exercises_run_green_as_shipped():
         assert "assert " in after
 
 
-# --- Section 11's helpers that the notebooks call (plain Python: the static fallbacks) ------------
+# --- The Colab set-up, offline -------------------------------------------------------------------
+
+# Runs a setup cell as Colab would: google.colab imported, the working directory /content (here
+# a temporary folder). subprocess.run is wrapped: git runs for real; pip is recorded, not run
+# (it would need the network and would install into this environment).
+_COLAB_RUNNER = r"""
+import json, subprocess, sys, types
+google = types.ModuleType("google")
+google.colab = types.ModuleType("google.colab")
+sys.modules.update({"google": google, "google.colab": google.colab})
+calls, real_run = [], subprocess.run
 
 
-class _Oracle(torch.nn.Module):
-    """Knows the clean x0 (B, C, *S): outputs the exact target of `prediction`, plus `delta`."""
-
-    def __init__(self, x0, prediction, delta=0.0):
-        super().__init__()
-        self.x0, self.prediction, self.delta = x0, prediction, delta
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
-
-    def forward(self, x_t, t):
-        alpha, sigma = dm.Schedule().alpha_sigma(t, x_t)
-        eps = (x_t - alpha * self.x0) / sigma
-        return dm.target(self.prediction, self.x0, eps, t) + self.delta
+def run(cmd, *args, **kwargs):
+    calls.append([str(c) for c in cmd])
+    if list(cmd[1:3]) == ["-m", "pip"]:
+        return subprocess.CompletedProcess(cmd, 0)
+    return real_run(cmd, *args, **kwargs)
 
 
-def test_x0_error_by_t_measures_the_conversion():
-    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    ts = [0, 500, 999]
-    for p in dm.PREDICTIONS:
-        assert dm.x0_error_by_t(_Oracle(x0, p), p, x0, ts).max() < 1e-6, p
-    # a noise model off by delta everywhere: the x0 error is (sigma / alpha * delta)^2, ~157^2 delta^2 at t = 999
-    delta = 1e-3
-    err = dm.x0_error_by_t(_Oracle(x0, "noise", delta), "noise", x0, ts)
-    amp2 = 1 / dm.x0_loss_weight("noise", torch.tensor(ts)).numpy()
-    assert err == pytest.approx(amp2 * delta**2, rel=1e-3, abs=1e-9)
-    assert dm.x0_error_by_t(_Oracle(x0, "noise", delta), "noise", x0, ts, clip=True)[-1] < err[-1]
+subprocess.run = run
+cell = compile(open(sys.argv[1], encoding="utf-8").read(), "setup cell", "exec")
+for _ in range(2):  # running the cell again must not clone again
+    exec(cell, {"__name__": "__main__"})
+import ddpm_mini, lab
+print(json.dumps({"calls": calls, "dm": ddpm_mini.__file__, "lab": lab.__file__,
+                  "manifest_path": str(ddpm_mini.manifest_path()), "manifest": sorted(ddpm_mini.read_manifest())}))
+"""
 
 
-def test_plot_parameterizations_reads_the_targets():
-    fig = dm.plot_parameterizations()
-    a, b, w = fig.axes[:3]
-    lines = {ax: {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()} for ax in (a, b, w)}
-    alpha, sigma = (v.numpy() for v in dm.Schedule().alpha_sigma(torch.arange(1000)))
-    assert lines[a]["velocity"] == pytest.approx(-sigma) and lines[b]["velocity"] == pytest.approx(alpha)
-    assert set(lines[a]["flow"]) == {-1.0} and set(lines[b]["flow"]) == {1.0}
-    assert lines[w]["noise"] == pytest.approx(alpha**2 / sigma**2)
+def _kit_repository(dest: pathlib.Path) -> pathlib.Path:
+    """A git repository of this checkout's working tree (tracked and untracked, not ignored files;
+    outside a git checkout, the files a clone needs), committed: what a clone of the published
+    repository would bring."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        files = listed.stdout.split("\0")
+    else:
+        files = ["ddpm_mini.py", "pyproject.toml", "README.md", "data_manifest.csv"]
+        files += [str(f.relative_to(ROOT)) for f in sorted(NOTEBOOKS.glob("*.ipynb")) + [NOTEBOOKS / "lab.py"]]
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    git = ["git", "-C", str(dest), "-c", "user.name=test", "-c", "user.email=test@example.invalid",
+           "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "kit"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    return dest
 
 
-def test_trajectory_viewers_and_figures_without_widgets():
-    model = dm.UNet(spatial_dims=3, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
-                    num_head_channels=4, norm_num_groups=4)
-    traj = dm.Trajectory()
-    x = dm.sample(model, "flow", shape=(2, 1, 16, 16, 16), steps=4, callback=traj, progress=False)
-    assert traj.t == [999, 666, 333, 0] and len(traj) == 4
-    assert set(traj.x_t[0]) == {"axial", "coronal", "sagittal"}
-    assert traj.x0_hat[-1]["axial"] == pytest.approx(dm.orthogonal_slices(x[0, 0])["axial"])  # last x0_hat = the sample
-    assert len(dm.view_trajectory(traj).axes) == 8                    # no IPython here: the static figure
-    assert len(dm.show_trajectory(traj, [0, 3], "coronal").axes) == 4
-    with pytest.raises(ValueError, match="empty"):
-        dm.show_trajectory(dm.Trajectory())
-    fig = dm.sampling_panel({"flow": model}, torch.randn(1, 1, 16, 16, 16), steps=2)
-    assert "s per step" in fig.texts[0].get_text()
-    assert len(dm.show_volumes({"a": x[0], "b": x[1, 0].numpy()}).axes) == 6
-    assert len(dm.show_images({"a": torch.zeros(3, 1, 4, 4), "b": [torch.zeros(4, 4)]}).axes) == 6
-    assert len(dm.explore_targets({"img": torch.zeros(8, 8)}, t=10).axes) == 7
-    assert len(dm.show_targets({"img": torch.zeros(8, 8)}, 10, "v").axes) == 4
-    assert len(dm.view(x[:1]).axes) == 3
-    dm.plot_losses({"a": [1.0, 0.5, 0.25], "b": [2.0]})
-    dm.plot_curves({"a": [1, 2, 3]}, [0, 1, 2])
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_colab_setup_clones_the_kit(tmp_path):
+    """On Colab the setup cell clones REPO_URL (here a local repository of this working tree),
+    installs the clone (command line checked, not run: no network), and imports ddpm_mini and lab
+    from the clone, whose manifest read_manifest() finds."""
+    source = _kit_repository(tmp_path / "source")
+    url = source.as_uri()                                  # file://: cloned like a remote (--depth works)
+    setup = _code([c for c in _read(NAMES[0]).cells if c.cell_type == "code"][0])
+    cell = setup.replace('"https://github.com/REPLACE-ME/ddpm-mini"', repr(url))
+    assert cell != setup
+    (tmp_path / "setup_cell.py").write_text(cell, encoding="utf-8")
+    (tmp_path / "runner.py").write_text(_COLAB_RUNNER, encoding="utf-8")
+    content = tmp_path / "content"
+    content.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DDPM_MINI_MANIFEST")}
+    env.update(MPLBACKEND="Agg", CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    done = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "setup_cell.py")],
+                          cwd=content, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
 
+    kit = content / "ddpm-mini"
+    clones = [c for c in result["calls"] if c[:2] == ["git", "clone"]]
+    assert len(clones) == 1 and clones[0][-2:] == [url, str(kit)]
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    installs = [c for c in result["calls"] if c[1:3] == ["-m", "pip"]]
+    assert installs == 2 * [pip + ["--no-deps", "-e", str(kit)], pip + ["nibabel", "pooch", "safetensors"]]
+    assert len(result["calls"]) == len(clones) + len(installs)
 
-def test_measure_and_format_rows():
-    with dm.measure("cpu") as cost:
-        torch.ones(1000).sum()
-    assert cost["seconds"] >= 0 and cost["memory_mb"] > 0 and "MB" in cost["memory"]
-    text = dm.format_rows([{"set": "flow", "p": 0.012345, "n": 3}, {"set": "sample", "p": 1.0, "n": 12}], ("set", "p"))
-    lines = text.splitlines()
-    assert len(lines) == 3 and lines[1].split() == ["flow", "0.01235"] and len({len(ln) for ln in lines}) == 1
-    assert dm.format_rows([]) == "(no rows)"
+    assert result["dm"] == str(kit / "ddpm_mini.py") and result["lab"] == str(kit / "notebooks" / "lab.py")
+    assert (kit / "notebooks" / "lab.py").read_bytes() == (NOTEBOOKS / "lab.py").read_bytes()
+    assert result["manifest_path"] == str(kit / "data_manifest.csv")
+    assert result["manifest"] == sorted(dm.read_manifest(ROOT / "data_manifest.csv"))
 
-
-def test_segment_phantom_survives_constant_volumes():
-    """04 segments samples of barely trained models, which can be constant: no LinAlgError."""
-    for value in (-1.0, 0.0, 1.0):
-        labels = dm.segment_phantom(np.full((48, 56, 48), value, np.float32))
-        assert labels.shape == (48, 56, 48) and len(np.unique(labels)) == 1
-    table = dm.regional_volumes([np.full((48, 56, 48), 1.0, np.float32), np.full((48, 56, 48), -1.0, np.float32)])
-    assert table["volumes"]["white_matter"][1] == 0
+    # what `pip install -e <clone>` builds, built offline (the PEP 660 hook, this environment's setuptools)
+    pytest.importorskip("setuptools", minversion="64")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+                            "print(b.build_editable(sys.argv[1]))", str(wheels)],
+                           cwd=kit, env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    assert build.stdout.strip().splitlines()[-1].startswith("ddpm_mini-") and list(wheels.glob("*.whl"))
 
 
 # --- Running them headless ------------------------------------------------------------------------
@@ -203,6 +259,7 @@ def smoke_env(request, tmp_path, monkeypatch):
         "DDPM_MINI_CACHE": str(tmp_path / "cache"),
         "DDPM_MINI_DATA": str(tmp_path / "data"),
         "MPLBACKEND": "Agg",
+        "PYTHONDONTWRITEBYTECODE": "1",          # `import lab` leaves no __pycache__ in notebooks/
         "CUDA_VISIBLE_DEVICES": "",              # smoke mode is a CPU run
         # one thread unless told otherwise: on a small shared CI box, OpenMP threads that wait
         # for a busy core slow torch down many times over

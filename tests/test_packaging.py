@@ -1,4 +1,6 @@
-"""environment.yml mirrors pyproject.toml, and the README's commands are the ones CI runs."""
+"""Packaging and the repository as a whole: environment.yml mirrors pyproject.toml, the README's
+commands are the ones CI runs, the manifest ships with the module, and every docs/ page and anchor
+that the code, tests, notebooks and README cite exists."""
 import pathlib
 import re
 import pytest
@@ -60,3 +62,78 @@ def test_installed_module_finds_its_manifest(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
     module, manifest, count = out.stdout.split()
     assert module == str(site / "ddpm_mini.py") and manifest == str(share / "data_manifest.csv") and int(count) > 4
+
+
+# --- Citations of the repository's own pages ------------------------------------------------------
+
+DOC_LINK = re.compile(r"docs/([A-Za-z0-9_-]+)\.md(?:#([A-Za-z0-9_-]+))?")
+PAGE_LINK = re.compile(r"\]\(([A-Za-z0-9_-]+\.md)?#([A-Za-z0-9_-]+)\)")  # [text](#a) or [text](page.md#a) in docs/
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped (letters, digits,
+    spaces, '-' and '_' kept), each space a '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: pathlib.Path) -> set:
+    """The heading anchors of a Markdown page (fenced code skipped; repeats get -1, -2, ... as on GitHub)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
+    found = set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", text, flags=re.M):
+        anchor, n = github_anchor(heading), 0
+        while (anchor if not n else f"{anchor}-{n}") in found:
+            n += 1
+        found.add(anchor if not n else f"{anchor}-{n}")
+    return found
+
+
+def test_github_anchor_rules():
+    assert github_anchor("Implied x0 weights") == "implied-x0-weights"
+    assert github_anchor("Regional-volume statistics") == "regional-volume-statistics"
+    assert github_anchor("DDIM update (eta > 0), step 2.") == "ddim-update-eta--0-step-2"
+
+
+def test_cited_doc_pages_and_anchors_exist():
+    """Every docs/<page>.md#<anchor> cited in ddpm_mini.py, tests/*.py, notebooks/ and README.md is a
+    page of docs/ with that heading; so is every in-page or cross-page link inside docs/."""
+    sources = [ROOT / "ddpm_mini.py", ROOT / "README.md", *sorted((ROOT / "tests").glob("*.py")),
+               *sorted((ROOT / "notebooks").glob("*.py")), *sorted((ROOT / "notebooks").glob("*.ipynb"))]
+    cited = {}
+    for path in sources:
+        for page, anchor in DOC_LINK.findall(path.read_text(encoding="utf-8")):
+            cited.setdefault((f"{page}.md", anchor), set()).add(path.name)
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for target, anchor in PAGE_LINK.findall(page.read_text(encoding="utf-8")):
+            cited.setdefault((target or page.name, anchor), set()).add(f"docs/{page.name}")
+    # the scan works: the module and the tests cite both pages, with anchors
+    assert {("math.md", "parameterizations"), ("methods.md", "preprocessing")} <= set(cited)
+    assert any("ddpm_mini.py" in where for where in cited.values()) and any("test_core.py" in w for w in cited.values())
+    problems = []
+    for (page, anchor), where in sorted(cited.items()):
+        path = ROOT / "docs" / page
+        if not path.is_file():
+            problems.append(f"{sorted(where)} cite docs/{page}, which does not exist")
+        elif anchor and anchor not in anchors(path):
+            problems.append(f"{sorted(where)} cite docs/{page}#{anchor}: no such heading (has {sorted(anchors(path))})")
+    assert not problems, "\n".join(problems)
+
+
+def test_tests_and_module_cite_nothing_outside_the_repository():
+    """The project stands alone: no reference to files beside the checkout (the shared data-source
+    notes) or to a guide that is not in the repository; docs/math.md and docs/methods.md are the references."""
+    outside = ("GUI" + "DE", "../" + "shared", "shared/" + "data-sources")
+    for path in [ROOT / "ddpm_mini.py", *sorted((ROOT / "tests").glob("*.py"))]:
+        text = path.read_text(encoding="utf-8")
+        assert not [word for word in outside if word in text], path.name
+
+
+def test_cited_tests_exist():
+    """Every tests/test_<x>.py::<name> that the module, docs, README or tests name is a test there."""
+    cited = set()
+    for path in [ROOT / "ddpm_mini.py", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                 *sorted((ROOT / "tests").glob("*.py"))]:
+        cited |= set(re.findall(r"(?:tests/)?(test_\w+\.py)::(\w+)", path.read_text(encoding="utf-8")))
+    assert ("test_unet.py", "test_fast_forward_equals_plain") in cited  # ddpm_mini.py's section 5b names it
+    for file, name in sorted(cited):
+        assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(encoding="utf-8"), re.M), f"{file}::{name}"

@@ -1,10 +1,13 @@
-"""The DDIM sampler against an independent implementation written here from the GUIDE equations."""
+"""Section 6 (sampler): DDIM against an independent implementation written here from
+docs/math.md (#conversions, #ddim-update, #timestep-grids)."""
 import numpy as np
 import pytest
 import torch
 
 import ddpm_mini as dm
-from conftest import TINY_UNET, randomize
+from conftest import SMALL_UNET, TINY_UNET, randomize
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 class Toy(torch.nn.Module):
@@ -20,10 +23,9 @@ class Toy(torch.nn.Module):
         return self.w * torch.tanh(x) * (1 - tt) + 0.3 * x * tt + 0.05
 
 
-def reference_ddim(model, prediction, noise, grid, eta=0.0, clip=True, z_generator=None):
+def reference_ddim(model, prediction, noise, grid, eta=0.0, clip=True, z_generator=None, T=1000, beta_end=2e-2):
     """x_s = alpha_s x0 + sqrt(sigma_s^2 - sigma_eta^2) eps + sigma_eta z, in float64 numpy."""
-    T = 1000
-    abar = np.cumprod(1 - np.linspace(1e-4, 2e-2, T))
+    abar = np.cumprod(1 - np.linspace(1e-4, beta_end, T))
     x = noise.double().numpy()
     for t, s in grid:
         u = model(torch.from_numpy(x).float(), torch.full((x.shape[0],), t)).double().detach().numpy()
@@ -44,8 +46,8 @@ def reference_ddim(model, prediction, noise, grid, eta=0.0, clip=True, z_generat
     return x
 
 
-def guide_grid(steps, spacing):
-    T = 1000
+def reference_grid(steps, spacing, T=1000):
+    """The grids of docs/math.md#timestep-grids, written out again."""
     if spacing == "linspace":
         ts = [int(v) for v in np.round(np.linspace(0, T - 1, steps))[::-1]]
         return [(t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
@@ -57,7 +59,7 @@ def guide_grid(steps, spacing):
 @pytest.mark.parametrize("steps", [2, 3, 10, 64, 999])
 def test_grids(spacing, steps):
     pairs = dm.timestep_pairs(steps, spacing)
-    assert pairs == guide_grid(steps, spacing)
+    assert pairs == reference_grid(steps, spacing)
     ts = [t for t, _ in pairs]
     assert len(ts) == steps and ts == sorted(ts, reverse=True) and len(set(ts)) == steps
     assert pairs[-1][1] == -1 and all(0 <= t < 1000 for t in ts)
@@ -68,6 +70,10 @@ def test_grids(spacing, steps):
 def test_grid_values_and_errors():
     assert dm.timestep_pairs(4, "leading") == [(750, 500), (500, 250), (250, 0), (0, -1)]
     assert dm.timestep_pairs(4) == [(999, 666), (666, 333), (333, 0), (0, -1)]
+    # docs/math.md#timestep-grids: numpy rounds halves to even (n = 7), and the n = 64 grids
+    assert [t for t, _ in dm.timestep_pairs(7)] == [999, 832, 666, 500, 333, 166, 0]
+    assert dm.timestep_pairs(64)[:2] == [(999, 983), (983, 967)] and dm.timestep_pairs(64)[-2:] == [(16, 0), (0, -1)]
+    assert dm.timestep_pairs(64, "leading")[0] == (945, 930) and dm.timestep_pairs(64, "leading")[-1] == (0, -1)
     for bad in (0, 1, 1001, 2.5, True):
         with pytest.raises(ValueError, match="steps must be an integer"):
             dm.timestep_pairs(bad)
@@ -83,11 +89,37 @@ def test_sampler_matches_reference_ddim(prediction, spacing, steps, clip):
     model = Toy()
     noise = torch.randn(2, 1, 4, 5, 6, generator=torch.Generator().manual_seed(7))
     ours = dm.sample(model, prediction, noise=noise, steps=steps, spacing=spacing, clip=clip, progress=False)
-    ref = reference_ddim(model, prediction, noise, guide_grid(steps, spacing), clip=clip)
+    ref = reference_ddim(model, prediction, noise, reference_grid(steps, spacing), clip=clip)
     assert ours.dtype == torch.float32
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
     if clip:
         assert ours.abs().max() <= 1
+
+
+@pytest.mark.parametrize("prediction", dm.PREDICTIONS)
+def test_sampler_follows_the_schedule_it_is_given(prediction):
+    """Another schedule (T = 500, beta_end = 0.03): its grid and its alpha, sigma, deterministic and
+    stochastic; the default schedule gives a different result."""
+    model, short = Toy(), dm.Schedule(T=500, beta_end=0.03)
+    noise = torch.randn(2, 1, 4, 5, 6, generator=torch.Generator().manual_seed(8))
+    assert dm.timestep_pairs(6, schedule=short) == reference_grid(6, "linspace", T=500)
+    assert dm.timestep_pairs(6, "leading", schedule=short) == reference_grid(6, "leading", T=500)
+    for spacing in dm.SPACINGS:
+        ours = dm.sample(model, prediction, noise=noise, steps=6, spacing=spacing, schedule=short, progress=False)
+        ref = reference_ddim(model, prediction, noise, reference_grid(6, spacing, T=500), T=500, beta_end=0.03)
+        np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
+        default = dm.sample(model, prediction, noise=noise, steps=6, spacing=spacing, progress=False)
+        assert not torch.allclose(ours, default)
+    g = torch.Generator().manual_seed(11)
+    ours = dm.sample(model, prediction, shape=(2, 1, 3, 4, 5), steps=4, eta=0.5, schedule=short, generator=g,
+                     progress=False)
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(2, 1, 3, 4, 5, generator=g)
+    ref = reference_ddim(model, prediction, noise, reference_grid(4, "linspace", T=500), eta=0.5, z_generator=g,
+                         T=500, beta_end=0.03)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match=r"2\.\.500"):
+        dm.sample(model, prediction, noise=noise, steps=501, schedule=short, progress=False)
 
 
 @pytest.mark.parametrize("prediction", ["velocity", "noise"])
@@ -97,7 +129,7 @@ def test_stochastic_sampler_matches_reference(prediction):
     ours = dm.sample(model, prediction, shape=(2, 1, 3, 4, 5), steps=8, eta=0.8, generator=g, progress=False)
     g = torch.Generator().manual_seed(11)
     noise = torch.randn(2, 1, 3, 4, 5, generator=g)  # the same order of draws: start noise, then z per step
-    ref = reference_ddim(model, prediction, noise, guide_grid(8, "linspace"), eta=0.8, z_generator=g)
+    ref = reference_ddim(model, prediction, noise, reference_grid(8, "linspace"), eta=0.8, z_generator=g)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
 
 
@@ -150,7 +182,6 @@ def test_unet_under_autocast_tracks_float32(grad):
     place with it) must accept mixed dtypes. bfloat16 keeps 8 significant bits (2^-8 = 0.4% per
     rounding); 2% allows a few roundings to add up. Forward only: the CPU's bfloat16 conv3d
     weight-gradient kernel itself sometimes returns non-finite values (a plain nn.Conv3d shows it)."""
-    from conftest import SMALL_UNET
     model = randomize(dm.UNet(**SMALL_UNET), seed=5)
     x, t = torch.randn(2, 2, 8, 12, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 800])
     with torch.no_grad():

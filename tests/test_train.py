@@ -1,34 +1,21 @@
-"""Training: the loss falls for every prediction; checkpoints resume bit-identically and survive a
-crash mid-write; DDP on two CPU processes; every command of the command line end to end."""
+"""Section 9 (training, docs/methods.md#training-recipe): the loss falls for every prediction, the
+EMA follows its formula (docs/math.md#ema), checkpoints record the run (docs/methods.md#run-folder)
+and resume bit-identically and survive a crash mid-write, DDP on two CPU processes. The train and
+demo commands: test_cli.py."""
 import csv
-import hashlib
 import os
-import socket
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import ddpm_mini as dm
-from conftest import TINY_UNET
+from conftest import MICRO_UNET, TINY_UNET, free_port
 
-#: No attention, two levels: the fastest U-Net that still learns 16^3 phantoms in 20 steps.
-MICRO_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, False),
-                  num_res_blocks=1, num_head_channels=4, norm_num_groups=4)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 REPO = os.path.dirname(os.path.abspath(dm.__file__))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a busy 2-core machine two torch threads can be 50x slower than one (OpenMP spin-waits);
-    the numbers are the same either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def same(a, b):
@@ -121,8 +108,10 @@ def test_checkpoint_contents(tmp_path):
     ckpt = result.checkpoint
     assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "model.safetensors", "state.pt"]
     model, meta = dm.load_model(ckpt / "ema.safetensors")
-    assert meta["prediction"] == "velocity" and meta["step"] == "2" and meta["shape"] == "[16, 16, 16]"
+    assert meta["prediction"] == "velocity" and meta["step"] == "2" and meta["shape"] == [16, 16, 16]
     assert meta["unet"]["channels"] == [8, 16] and same(model, result.ema)
+    assert meta["ema"] == "true" and meta["seed"] == "0" and meta["schedule"] == dm.DEFAULT_SCHEDULE.config()
+    assert "ema" not in dm.load_model(ckpt / "model.safetensors")[1]
     state = torch.load(ckpt / "state.pt", weights_only=True)  # plain tensors and containers only
     assert state["step"] == 2 and state["data_position"] == 4 and state["world_size"] == 1
     assert set(state["rng"][0]) == {"torch", "numpy", "python", "cuda"} and len(state["history"]) == 2
@@ -131,6 +120,32 @@ def test_checkpoint_contents(tmp_path):
     assert dm.weights_file(tmp_path) == ckpt / "ema.safetensors" == dm.weights_file(ckpt)
     with pytest.raises(ValueError, match="resume=True"):  # never mixes two runs in one folder
         run(tmp_path, 4)
+
+
+def test_a_run_records_its_schedule(tmp_path):
+    """train(schedule=S) trains with S (t drawn from 0..S.T-1: other losses than the default's) and
+    records S in every checkpoint's weights, which load_model decodes (the sample command uses it:
+    test_cli.py::test_sample_uses_the_schedule_of_the_run)."""
+    short = dm.Schedule(T=500, beta_end=0.03)
+    result = run(tmp_path / "short", 4, schedule=short, keep=5)
+    default = run(tmp_path / "default", 4)
+    assert result.history != default.history
+    checkpoints = sorted((tmp_path / "short" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step_000002", "step_000004"]
+    for ckpt in checkpoints:
+        for name in ("model.safetensors", "ema.safetensors"):
+            meta = dm.load_model(ckpt / name)[1]
+            assert meta["schedule"] == short.config() and dm.Schedule.from_config(meta["schedule"]) == short
+    assert dm.load_model(tmp_path / "short")[1]["schedule"] == short.config()  # the run folder: newest EMA
+    assert dm.load_model(tmp_path / "default")[1]["schedule"] == dm.DEFAULT_SCHEDULE.config()
+    # resuming with the same schedule continues the run exactly
+    resumed = run(tmp_path / "short", 6, schedule=short, resume=True)
+    straight = run(tmp_path / "straight", 6, schedule=short)
+    assert same(resumed.model, straight.model) and resumed.history == straight.history
+    # resuming with another schedule (here: the default, by leaving it out) is refused
+    with pytest.raises(ValueError, match="trained with the schedule"):
+        run(tmp_path / "short", 8, resume=True)
+    assert dm.latest_checkpoint(tmp_path / "short").name == "step_000006"
 
 
 def test_a_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -159,6 +174,49 @@ def test_a_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatc
     straight = run(tmp_path / "straight", 4)
     assert same(resumed.model, straight.model) and same(resumed.ema, straight.ema)
     assert sorted(p.name for p in folder.iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_resume_checks_the_prediction_and_the_process_count(tmp_path):
+    """A checkpoint trained for another prediction is refused; one written by another number of
+    processes resumes with a warning, its global RNG states left alone."""
+    run(tmp_path / "run", 2)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="trained for 'velocity', not 'flow'"):
+        dm.train(dm.UNet(**TINY_UNET), dm.PhantomDataset(shape=(16, 16, 16)), "flow", 4, batch_size=2,
+                 out=tmp_path / "run", resume=True, progress=False)
+    state_file = tmp_path / "run" / "checkpoints" / "step_000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["rng"] = state["rng"] * 2  # as if two processes had written it
+    torch.save(state, state_file)
+    model, ema = dm.UNet(**TINY_UNET), dm.UNet(**TINY_UNET)
+    optimizer, scaler = torch.optim.Adam(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="comes from 2 process"):
+        resumed = dm._restore(state_file.parent, model, ema, optimizer, scaler, "velocity", dm.DEFAULT_SCHEDULE, 0, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert resumed[:2] == (2, 4) and len(resumed[2]) == 2
+    assert dm._restore(None, *[None] * 4, "velocity", dm.DEFAULT_SCHEDULE, 0, 1) == (0, 0, [])  # a fresh run
+
+
+def test_training_helpers():
+    """The pieces train() is made of, one process on a CPU: the EMA update (non-float buffers copied),
+    the loss agreement, the dtype default, the checkpoint to resume."""
+    ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        ema.weight.fill_(1.0)
+    model.num_batches_tracked += 7
+    dm._ema_update(ema, model, 0.75)
+    assert torch.equal(ema.weight, torch.full((3,), 1.25)) and int(ema.num_batches_tracked) == 7
+    assert dm._agree(torch.tensor(0.5), True, 1) == (0.5, True) and dm._agree(torch.tensor(2.0), False, 1) == (2.0, False)
+    assert dm._training_dtype(torch.device("cpu"), None) is None
+    assert dm._training_dtype(torch.device("cpu"), "float32") == "float32"
+    assert dm._checkpoint_to_resume(None, False) is None
+    net = torch.nn.Linear(1, 1)
+    assert dm._distribute(net, net, torch.device("cpu"), fresh=True) == (net, 0, 1, False)  # no torchrun: as it is
+    states = dm._gather_rng_states(1)
+    assert len(states) == 1 and set(states[0]) == {"torch", "numpy", "python", "cuda"}
 
 
 def test_bad_arguments(tmp_path):
@@ -203,12 +261,6 @@ torch.save(dict(model=result.model.state_dict(), ema=result.ema.state_dict(), hi
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(repo=REPO, unet=MICRO_UNET))
@@ -228,120 +280,3 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     saved, _ = dm.load_model(tmp_path / "run" / "checkpoints" / "step_000004" / "model.safetensors")
     assert all(torch.equal(v, r0["model"][k]) for k, v in saved.state_dict().items())
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def test_cli_train_resume_and_sample(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    base = ["train", "--phantoms", "--prediction", "sample", "--size", "16", "16", "16", "--batch-size", "1",
-            "--out", str(out), "--checkpoint-every", "2"]
-    assert dm.main(base + ["--steps", "3"]) == 0
-    assert "sample with: python ddpm_mini.py sample --weights" in capsys.readouterr().out
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
-    assert dm.main(base + ["--steps", "3"]) == 1 and "--resume" in capsys.readouterr().err
-    assert dm.main(base + ["--steps", "4", "--resume"]) == 0
-    assert "from step_000003" in capsys.readouterr().out
-    with open(out / "history.csv") as f:
-        assert [r[0] for r in csv.reader(f)] == ["step", "1", "2", "3", "4"]
-    _, meta = dm.load_model(out / "checkpoints" / "step_000004" / "ema.safetensors")
-    assert meta["unet"]["channels"] == list(dm.TEACHING_UNET["channels"])
-
-    # sample from the run folder: EMA weights, prediction and size from the metadata
-    assert dm.main(["sample", "--weights", str(out), "--n", "2", "--steps", "2", "--out-dir", str(tmp_path / "s")]) == 0
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
-        "sample_sample_0000.nii.gz", "sample_sample_0000.png", "sample_sample_0001.nii.gz", "sample_sample_0001.png"]
-    assert nib.load(tmp_path / "s" / "sample_sample_0001.nii.gz").shape == (16, 16, 16)
-    # under torchrun each rank makes samples i with i % WORLD_SIZE == RANK
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert dm.main(["sample", "--weights", str(out / "checkpoints" / "step_000004"), "--n", "3", "--steps", "2",
-                    "--out-dir", str(tmp_path / "r1")]) == 0
-    assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == ["sample_sample_0001.nii.gz", "sample_sample_0001.png"]
-    data = np.asarray(nib.load(tmp_path / "r1" / "sample_sample_0001.nii.gz").dataobj)
-    assert np.array_equal(data, np.asarray(nib.load(tmp_path / "s" / "sample_sample_0001.nii.gz").dataobj))
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
-    assert dm.main(["sample", "--weights", str(tmp_path / "s"), "--steps", "2"]) == 1
-    assert "neither ema.safetensors nor a complete checkpoint" in capsys.readouterr().err
-
-
-def write_manifest(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=dm.MANIFEST_COLUMNS)
-        w.writeheader()
-        w.writerows({c: row.get(c, "") for c in dm.MANIFEST_COLUMNS} for row in rows)
-
-
-def test_cli_fetch(tmp_path, http_server, monkeypatch, capsys):
-    root, base = http_server
-    (root / "v.nii.gz").write_bytes(b"volume" * 500)
-    sha = hashlib.sha256((root / "v.nii.gz").read_bytes()).hexdigest()
-    write_manifest(tmp_path / "m.csv", [
-        dict(name="vol", kind="volume", group="g", url=f"{base}/v.nii.gz", hash=f"sha256:{sha}", verified="true",
-             size="3000", license="CC0"),
-        dict(name="paper_data", kind="source", group="", verified="false", license="DUA required")])
-    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(tmp_path / "m.csv"))
-    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("DDPM_MINI_MIRROR", raising=False)
-    assert dm.main(["fetch", "--list"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "kind", "group", "size", "verified", "licence"]
-    assert lines[1].split() == ["vol", "volume", "g", "0.0", "MB", "true", "CC0"]
-    assert lines[2].split()[:2] == ["paper_data", "source"] and lines[2].endswith("DUA required")
-    assert dm.main(["fetch", "vol"]) == 0
-    path = tmp_path / "cache" / "vol" / "v.nii.gz"
-    assert capsys.readouterr().out.strip() == str(path) and path.read_bytes() == (root / "v.nii.gz").read_bytes()
-    assert dm.main(["fetch", "--group", "g"]) == 0 and capsys.readouterr().out.strip() == str(path)
-    assert dm.main(["fetch"]) == 1 and "NAME, --group G or --list" in capsys.readouterr().err
-    assert dm.main(["fetch", "nope"]) == 1 and "unknown asset 'nope'" in capsys.readouterr().err
-
-
-def test_cli_preprocess(tmp_path, capsys):
-    arr = np.zeros((40, 48, 40), np.float32)
-    arr[8:32, 8:40, 8:32] = 100 + np.arange(24)[:, None, None]
-    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "in.nii.gz"))
-    with pytest.warns(UserWarning, match="coarser than 1.2 mm"):
-        assert dm.main(["preprocess", str(tmp_path / "in.nii.gz"), str(tmp_path / "o" / "out.nii.gz")]) == 0
-    assert "(192, 224, 192)" in capsys.readouterr().out
-    img = nib.load(tmp_path / "o" / "out.nii.gz")
-    assert img.shape == dm.IMAGE_SHAPE and img.get_data_dtype() == np.uint16
-    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and np.allclose(img.header.get_zooms(), 1)
-    out = np.asarray(img.dataobj)
-    box_mm3 = 48 * 64 * 48  # the 24 x 32 x 24 box of 2 mm voxels, now at 1 mm
-    assert out.max() == 65535 and abs((out > 0).sum() / box_mm3 - 1) < 0.1
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["out.nii.gz"]
-    assert dm.main(["preprocess", str(tmp_path / "missing.nii.gz"), str(tmp_path / "o" / "x.nii.gz")]) == 1
-    assert not (tmp_path / "o" / "x.nii.gz").exists()
-
-
-def test_cli_demo(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert dm.main(["demo", "--minutes", "5", "--steps", "2", "--size", "16", "16", "16", "--n", "2",
-                    "--sample-steps", "2", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["demo_0.nii.gz", "demo_0.png", "demo_1.nii.gz", "demo_1.png"]
-    assert dm.latest_checkpoint(out).name == "step_000002"
-    rows = {line[:36].strip(): line[36:].split() for line in printed.splitlines() if " ± " in line}
-    truth = [dm.phantom_volumes(dm.phantom(10_000 + i, (16, 16, 16))[1]) for i in range(8)]
-    expected = np.mean([v["white_matter"] for v in truth]) / 1000
-    assert float(rows["white_matter"][0]) == pytest.approx(expected, abs=0.06)
-    assert "segment_phantom" in printed and len(rows) == len(dm.PHANTOM_LABELS) - 1
-    assert all(np.isfinite(float(v[3])) for v in rows.values())  # the samples' means
-    # running it again continues the same run
-    assert dm.main(["demo", "--steps", "3", "--size", "16", "16", "16", "--n", "1", "--sample-steps", "2",
-                    "--out", str(out)]) == 0
-    assert dm.latest_checkpoint(out).name == "step_000003"
-
-
-def test_every_command_has_help(capsys):
-    out = subprocess.run([sys.executable, dm.__file__, "--help"], capture_output=True, text=True, check=True).stdout
-    for name in ("demo", "train", "sample", "fetch", "preprocess"):
-        assert name in out
-        with pytest.raises(SystemExit) as exit_:
-            dm.main([name, "--help"])
-        assert exit_.value.code == 0
-    printed = capsys.readouterr().out
-    for flag in ("--phantoms", "--resume", "--unet", "--minutes", "--list", "--mask", "--out-dir"):
-        assert flag in printed

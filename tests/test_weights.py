@@ -1,14 +1,18 @@
-"""Weights in and out, and fetching through Pooch from a loopback server or a mirror folder."""
-import csv
+"""Section 7 (weights, fetch): weights in and out with their metadata, atomic writes, the manifest,
+the device choice, and fetching through Pooch from a loopback server or a mirror folder."""
 import hashlib
+import json
 import pathlib
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import ddpm_mini as dm
-from conftest import TINY_UNET, randomize
+from conftest import TINY_UNET, randomize, write_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def test_save_and_load_round_trip_with_metadata(tmp_path):
@@ -20,6 +24,8 @@ def test_save_and_load_round_trip_with_metadata(tmp_path):
     assert meta["prediction"] == "velocity" and meta["step"] == "12" and meta["format"] == "ddpm-mini"
     rebuilt, meta = dm.load_model(path)
     assert meta["unet"]["channels"] == [8, 16] and meta["schedule"]["T"] == 1000
+    assert meta["unet"] == model.config and meta["schedule"] == dm.DEFAULT_SCHEDULE.config()  # decoded from JSON
+    assert meta["step"] == "12" and meta["version"] == dm.__version__  # other entries stay strings
     assert not rebuilt.training and torch.equal(rebuilt.conv_in.conv.weight, model.conv_in.conv.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
     with pytest.raises(ValueError, match=".safetensors"):
@@ -87,15 +93,97 @@ def test_pickled_code_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
+def test_weights_record_the_schedule_and_load_model_decodes_it(tmp_path):
+    """save_weights records the schedule it is given (default: DEFAULT_SCHEDULE); load_model decodes
+    "unet", "schedule" and "shape", and gives files without a schedule the default's config."""
+    model = randomize(dm.UNet(**TINY_UNET), seed=6)
+    short = dm.Schedule(T=500, beta_end=0.03)
+    path = dm.save_weights(model, tmp_path / "short.safetensors", schedule=short, prediction="flow", shape=[8, 8, 8])
+    _, meta = dm.load_model(path)
+    assert meta["schedule"] == short.config() and dm.Schedule.from_config(meta["schedule"]) == short
+    assert meta["shape"] == [8, 8, 8] and meta["prediction"] == "flow"
+    assert json.loads(dm.load_weights(dm.UNet(**TINY_UNET), path)["schedule"]) == short.config()  # stored as JSON
+    # a file with a U-Net config but no schedule (e.g. written by an older version)
+    save_file(model.state_dict(), str(tmp_path / "old.safetensors"), metadata={"unet": json.dumps(model.config)})
+    rebuilt, meta = dm.load_model(tmp_path / "old.safetensors")
+    assert meta["schedule"] == dm.DEFAULT_SCHEDULE.config() and meta["unet"] == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
+    # a checkpoint folder: its EMA weights
+    folder = tmp_path / "ckpt"
+    dm.save_weights(model, folder / "ema.safetensors", schedule=short, prediction="v")
+    assert dm.weights_file(folder) == folder / "ema.safetensors"
+    assert dm.load_model(folder)[1]["schedule"] == short.config()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither ema.safetensors nor a complete checkpoint"):
+        dm.load_model(tmp_path / "empty")
+
+
+def test_atomic_write_uses_a_fresh_temporary_beside_the_target(tmp_path):
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        assert tmp.parent == tmp_path / "sub" and tmp.exists()  # created (exclusively) before write runs
+        tmp.write_text("new")
+    target = tmp_path / "sub" / "v.nii.gz"
+    assert dm._atomic_write(target, write) == target and target.read_text() == "new"
+    dm._atomic_write(target, write)
+    tmp = seen[0].name
+    assert tmp.startswith(".v.nii.gz.") and tmp.endswith(".tmp.nii.gz")  # suffixes kept: writers pick the format
+    assert seen[0] != seen[1]  # mkstemp: a new, unpredictable name each time
+    def fails(tmp):
+        tmp.write_text("partial")
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        dm._atomic_write(target, fails)
+    assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["v.nii.gz"]
+
+
+def test_device_choice_and_torchrun(monkeypatch):
+    """As given, else CUDA when available, else the CPU; under torchrun (WORLD_SIZE > 1) a CUDA device
+    without an index becomes this process's GPU (LOCAL_RANK)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert dm._device("cpu") == torch.device("cpu") and dm._device("cuda") == torch.device("cuda")
+    assert dm._device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dm._device("cuda") == torch.device("cuda", 1) and dm._device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert dm._device("cuda:0") == torch.device("cuda", 0) and dm._device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dm._device("cuda") == torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def test_read_manifest_accepts_a_byte_order_mark_and_names_its_errors(tmp_path, monkeypatch):
+    rows = [dict(name="a", kind="volume", url="https://example.org/a.nii.gz", hash="", verified="false"),
+            dict(name="b", kind="weights", url="https://example.org/b.safetensors", hash="sha256:" + "1" * 64,
+                 verified="true", size=" 12 ")]
+    write_manifest(tmp_path / "bom.csv", rows, encoding="utf-8-sig")  # as Excel saves it
+    assert (tmp_path / "bom.csv").read_bytes()[:3] == b"\xef\xbb\xbf"
+    read = dm.read_manifest(tmp_path / "bom.csv")
+    assert list(read) == ["a", "b"] and set(read["a"]) == set(dm.MANIFEST_COLUMNS)
+    assert read["b"]["size"] == "12" and read["b"]["hash"] == "sha256:" + "1" * 64  # cells stripped
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(tmp_path / "bom.csv"))
+    assert dm.manifest_path() == tmp_path / "bom.csv" and list(dm.read_manifest()) == ["a", "b"]
+    write_manifest(tmp_path / "twice.csv", rows + rows[:1])
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        dm.read_manifest(tmp_path / "twice.csv")
+    (tmp_path / "bare.csv").write_text("name,kind\na,volume\n")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['url', 'hash'\]"):
+        dm.read_manifest(tmp_path / "bare.csv")
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(tmp_path / "none.csv"))
+    with pytest.raises(FileNotFoundError, match="DDPM_MINI_MANIFEST"):
+        dm.read_manifest()
+    monkeypatch.delenv("DDPM_MINI_MANIFEST")
+    assert dm.manifest_path() == pathlib.Path(dm.__file__).resolve().with_name("data_manifest.csv")
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    assert dm.cache_dir() == tmp_path / "cache"
+
+
 # ----------------------------------------------------------------------------- fetch
-
-
-def write_manifest(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=dm.MANIFEST_COLUMNS)
-        w.writeheader()
-        for row in rows:
-            w.writerow({c: row.get(c, "") for c in dm.MANIFEST_COLUMNS})
 
 
 @pytest.fixture
@@ -154,7 +242,6 @@ def test_fetch_unverified_warns_once(assets):
     dm._WARNED_UNVERIFIED.discard("unverified")
     with pytest.warns(UserWarning, match="not verified"):
         dm.fetch("unverified")
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dm.fetch("unverified")

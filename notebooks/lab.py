@@ -1,0 +1,469 @@
+"""lab: the lessons' own figures, widgets, timing panels and image checks.
+
+The notebooks in this folder import it (`import lab`) beside `import ddpm_mini as dm`.
+It is not part of the kit's API: ddpm_mini holds what users and the command line
+call; what only the lessons need lives here. Everything below is built on ddpm_mini's
+public functions. Where ipywidgets are unavailable (plain Python, the tests) each
+widget returns a static matplotlib Figure instead.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ddpm_mini as dm
+
+# --- Figure helpers ---------------------------------------------------------------------------
+
+
+def _new_figure(fig, figsize):
+    """fig cleared for reuse, or a new pyplot-free Figure (no GUI backend needed)."""
+    if fig is None:
+        from matplotlib.figure import Figure
+        return Figure(figsize=figsize, layout="constrained")
+    fig.clear()
+    if hasattr(fig, "set_layout_engine"):  # matplotlib >= 3.6
+        fig.set_layout_engine("constrained")
+    return fig
+
+
+def _image(x) -> np.ndarray:
+    """A 2-D float32 numpy array from a tensor or array whose other axes have size 1."""
+    a = x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, np.float32)
+    a = a.squeeze()
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D image (H, W), possibly with axes of size 1, got shape {tuple(np.shape(x))}")
+    return a
+
+
+def _resolve(schedule):
+    """The schedule to use: the given one, else the kit's default (T = 1000, linear betas)."""
+    return dm.Schedule() if schedule is None else schedule
+
+
+def show_images(images: dict, vmin=-1.0, vmax=1.0, title=None, fig=None):
+    """A grid of 2-D images: one row per entry of images {name: (N, H, W) or (N, 1, H, W) or a
+    list of N (H, W)}, N columns (rows may differ in N). Grey scale vmin..vmax (None: each
+    image's own range). Returns the matplotlib Figure."""
+    rows = {k: [_image(x) for x in v] for k, v in images.items()}
+    ncol = max(len(v) for v in rows.values())
+    fig = _new_figure(fig, (1.3 * ncol + 1, 1.4 * len(rows)))
+    axes = fig.subplots(len(rows), ncol, squeeze=False)
+    for r, (name, row) in enumerate(rows.items()):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(row):
+                ax.imshow(row[c], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+        axes[r, 0].set_title(name, fontsize=9, loc="left")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# --- Notebook 01: the parameterizations over t, measured errors ---------------------------------
+
+
+def plot_parameterizations(schedule=None, predictions=dm.PREDICTIONS, fig=None):
+    """What each prediction regresses, over t = 0..T-1: three panels.
+
+    Every target is linear in (x0, eps): u = a(t) x0 + b(t) eps. Panel 1 plots a(t), panel 2
+    b(t) (both read off dm.target itself with x0 = 1, eps = 0 and the reverse), panel 3 the
+    weight w(t) the prediction's MSE puts on the x0 error (dm.x0_loss_weight), log scale.
+    Returns the matplotlib Figure (1 x 3).
+    """
+    T = _resolve(schedule).T
+    t = torch.arange(T)
+    one, zero = torch.ones(T, 1, dtype=torch.float64), torch.zeros(T, 1, dtype=torch.float64)
+    fig = _new_figure(fig, (13, 3.6))
+    axes = fig.subplots(1, 3)
+    for p in predictions:
+        axes[0].plot(t, dm.target(p, one, zero, t, schedule)[:, 0], label=p)
+        axes[1].plot(t, dm.target(p, zero, one, t, schedule)[:, 0], label=p)
+        axes[2].semilogy(t, dm.x0_loss_weight(p, t, schedule), label=p)
+    for ax, name in zip(axes, ("a(t): weight of x0 in the target", "b(t): weight of eps in the target",
+                               "w(t): implied weight on |x0_hat - x0|^2")):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("t")
+    axes[0].legend()
+    return fig
+
+
+def show_targets(images: dict, t: int, prediction=None, seed: int = 0, schedule=None, fig=None):
+    """The regression targets for clean images at one timestep t.
+
+    images: {name: 2-D image (H, W) in [-1, 1]} (e.g. an axial slice from dm.orthogonal_slices);
+    one row each with x0, eps (~ N(0, I) from seed, one draw per row), x_t = alpha_t x0 +
+    sigma_t eps, then the target u of `prediction` (None: all four), each titled with the
+    prediction's x0 weight w(t). Every panel has its own grey range. Returns the Figure.
+    """
+    noising = _resolve(schedule)
+    preds = dm.PREDICTIONS if prediction is None else (dm.canonical_prediction(prediction),)
+    tt = torch.tensor([int(t)])
+    fig = _new_figure(fig, (2.1 * (3 + len(preds)), 2.3 * len(images)))
+    axes = fig.subplots(len(images), 3 + len(preds), squeeze=False)
+    g = torch.Generator().manual_seed(seed)
+    for row, (name, image) in zip(axes, images.items()):
+        x0 = torch.from_numpy(_image(image).copy())[None]                       # (1, H, W)
+        eps = torch.randn(x0.shape, generator=g)
+        panels = [(f"{name}: x0", x0), ("eps", eps), (f"x_t, t = {int(t)}", noising.add_noise(x0, eps, tt))]
+        panels += [(f"{p} target\nw(t) = {float(dm.x0_loss_weight(p, tt, schedule)[0]):.3g}",
+                    dm.target(p, x0, eps, tt, schedule)) for p in preds]
+        for ax, (label, x) in zip(row, panels):
+            ax.imshow(x[0].numpy(), cmap="gray", interpolation="nearest")
+            ax.set_title(label, fontsize=9)
+            ax.axis("off")
+    return fig
+
+
+def explore_targets(images: dict, t: int = 500, prediction=None, seed: int = 0, schedule=None):
+    """show_targets with controls: a t slider (0..T-1) and a prediction selector ("all" or one).
+
+    images as in show_targets. Returns the widget; without widgets, the static Figure for the
+    given t and prediction.
+    """
+    widgets = dm._widgets()
+    if widgets is None:
+        return show_targets(images, t, prediction, seed, schedule)
+    T = _resolve(schedule).T
+    slider = widgets.IntSlider(value=int(t), min=0, max=T - 1, description="t", continuous_update=False)
+    choice = widgets.Dropdown(options=["all", *dm.PREDICTIONS], value=prediction or "all", description="prediction")
+    out = widgets.Output()
+
+    def redraw(_=None):
+        pred = None if choice.value == "all" else choice.value
+        cols = 7 if pred is None else 4
+        dm._redraw(out, lambda fig: show_targets(images, slider.value, pred, seed, schedule, fig=fig),
+                   (2.1 * cols, 2.3 * len(images)))
+    slider.observe(redraw, names="value")
+    choice.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([slider, choice]), out])
+
+
+def x0_error_by_t(model, prediction: str, x0, timesteps, seed: int = 0, clip: bool = False, schedule=None) -> np.ndarray:
+    """Measured x0 error of a trained model at each timestep: float64 numpy (K,).
+
+    x0: held-out clean data (B, C, *S) in [-1, 1]; timesteps: K integers in 0..T-1. For each
+    t: x_t = alpha_t x0 + sigma_t eps (eps drawn once from seed, shared by every t), u =
+    model(x_t, t), x0_hat = dm.to_x0_eps(prediction, u, x_t, t, clip=clip)[0], and the entry is
+    mean((x0_hat - x0)^2). clip=False (default) shows the raw conversion; the sampler clips.
+    """
+    noising = _resolve(schedule)
+    device = next(model.parameters()).device
+    x0 = torch.as_tensor(x0, dtype=torch.float32).cpu()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    errors = []
+    with torch.inference_mode():
+        for t in timesteps:
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+            x_t = noising.add_noise(x0, eps, tt)
+            u = model(x_t.to(device), tt.to(device)).float().cpu()
+            x0_hat, _ = dm.to_x0_eps(prediction, u, x_t, tt, schedule, clip)
+            errors.append(float(((x0_hat - x0) ** 2).mean()))
+    return np.array(errors, dtype=np.float64)
+
+
+def plot_curves(curves: dict, x=None, xlabel="t", ylabel="", title=None, logy=True, fig=None):
+    """Line plot of named curves {name: (K,) values} against x (K,) (default 0..K-1), log y by
+    default; e.g. x0_error_by_t per prediction. Returns the Figure."""
+    fig = _new_figure(fig, (6, 3.8))
+    ax = fig.subplots()
+    for name, y in curves.items():
+        y = np.asarray(y, dtype=np.float64)
+        ax.plot(np.arange(len(y)) if x is None else np.asarray(x), y, marker="o", ms=3, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend()
+    return fig
+
+
+# --- Notebook 02: trajectories, cost, controls ---------------------------------------------------
+
+
+def _planes(x) -> dict:
+    """{plane: 2-D float32 array}: the three centre planes of a 3-D volume, or {"image": x} in 2-D."""
+    x = x.detach().float().cpu() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x, np.float32))
+    if x.ndim == 2:
+        return {"image": x.numpy().copy()}
+    return {k: np.ascontiguousarray(v) for k, v in dm.orthogonal_slices(x).items()}
+
+
+class Trajectory:
+    """A dm.sample() callback that records the denoising path of one item.
+
+    traj = Trajectory(); dm.sample(model, prediction, ..., callback=traj); view_trajectory(traj).
+    After every step it keeps t, and the centre planes (3-D: axial, coronal, sagittal; 2-D:
+    the image) of x_t (the new state after the step) and of x0_hat (the model's clean estimate
+    at that step), on the CPU: a few MB for 64 steps at 192 x 224 x 192.
+    Attributes: t (list of int), x_t, x0_hat (lists of {plane: 2-D array}).
+    """
+
+    def __init__(self, item: int = 0):
+        self.item, self.t, self.x_t, self.x0_hat = item, [], [], []
+
+    def __call__(self, i, t, x_t, x0_hat):
+        self.t.append(int(t))
+        self.x_t.append(_planes(x_t[self.item, 0]))
+        self.x0_hat.append(_planes(x0_hat[self.item, 0]))
+
+    def __len__(self):
+        return len(self.t)
+
+
+def _check_recorded(trajectory: Trajectory) -> int:
+    n = len(trajectory)
+    if n == 0:
+        raise ValueError("the trajectory is empty: pass it to dm.sample(..., callback=trajectory) first")
+    return n
+
+
+def show_trajectory(trajectory: Trajectory, steps=None, plane=None, fig=None):
+    """Columns of a recorded trajectory, one per step index k (0-based; default: 6 evenly
+    spaced, first and last included): on top the state x after step k (at the next timestep
+    t_prev; the sample after the last step), below the model's x0_hat at step k's t. One plane
+    (default the first recorded: axial in 3-D); grey range [-1, 1]. Returns the Figure (2 x K)."""
+    n = _check_recorded(trajectory)
+    steps = sorted({int(round(s)) for s in np.linspace(0, n - 1, min(n, 6))}) if steps is None else list(steps)
+    plane = plane or next(iter(trajectory.x_t[0]))
+    fig = _new_figure(fig, (2 * len(steps) + 0.5, 4.4))
+    axes = fig.subplots(2, len(steps), squeeze=False)
+    for c, k in enumerate(steps):
+        t, t_prev = trajectory.t[k], trajectory.t[k + 1] if k + 1 < n else -1
+        titles = (f"step {k + 1}/{n}: x at t = {t_prev}" if t_prev >= 0 else f"step {n}/{n}: the sample",
+                  f"x0_hat at t = {t}")
+        for r, (title, record) in enumerate(zip(titles, (trajectory.x_t, trajectory.x0_hat))):
+            ax = axes[r, c]
+            ax.imshow(record[k][plane], cmap="gray", origin="lower" if plane != "image" else "upper",
+                      vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    return fig
+
+
+def view_trajectory(trajectory: Trajectory, plane=None):
+    """A step slider (and a plane selector in 3-D) over a recorded Trajectory, showing x_t and
+    x0_hat at that step. Returns the widget; without widgets, show_trajectory's Figure."""
+    widgets = dm._widgets()
+    if widgets is None:
+        return show_trajectory(trajectory, plane=plane)
+    n = _check_recorded(trajectory)
+    planes = list(trajectory.x_t[0])
+    step = widgets.IntSlider(value=n, min=1, max=n, description="step", continuous_update=False)
+    which = widgets.Dropdown(options=planes, value=plane or planes[0], description="plane")
+    out = widgets.Output()
+
+    def redraw(_=None):
+        dm._redraw(out, lambda fig: show_trajectory(trajectory, [step.value - 1], which.value, fig=fig), (4.5, 4.6))
+    step.observe(redraw, names="value")
+    which.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([step, which] if len(planes) > 1 else [step]), out])
+
+
+class measure:
+    """Time a block and record its memory: `with measure(device) as cost: ...`.
+
+    device: a torch.device or name; None picks CUDA when available, else the CPU.
+    On exit cost (a dict) holds seconds (wall clock; CUDA synchronised first), memory_mb and
+    memory (a sentence saying what was measured): on CUDA the peak allocated by torch during
+    the block (torch.cuda.max_memory_allocated, reset on entry); on CPU the process's peak
+    resident set size so far (resource.getrusage; it cannot be reset, so it includes whatever
+    the process held before, e.g. loaded models).
+    """
+
+    def __init__(self, device=None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.cost = {}
+
+    def __enter__(self) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = time.perf_counter()
+        return self.cost
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.cost["seconds"] = time.perf_counter() - self._start
+        if self.device.type == "cuda":
+            mb, what = torch.cuda.max_memory_allocated(self.device) / 2**20, "GPU memory, peak allocated by torch"
+        else:
+            try:
+                import resource
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+            except ImportError:  # Windows
+                mb = float("nan")
+            what = "CPU memory, peak resident size of this process so far"
+        self.cost.update(memory_mb=mb, memory=f"{mb:,.0f} MB {what}")
+        return False
+
+
+def sampling_panel(models: dict, noise, steps: int = 64, eta: float = 0.0, spacing: str = "linspace",
+                   prediction=None):
+    """Controls for dm.sample(): prediction, steps, eta, timestep grid (ipywidgets) and a Sample
+    button; shows the result's three planes titled with its seconds per step.
+
+    models: {prediction: model}; noise: (1, C, *S), the same start for every run (so runs
+    differ only by the controls). It samples once with the given values when created. Returns
+    the widget; without widgets, the Figure of that one sample.
+    """
+    def run(pred, n, e, grid, fig=None):
+        with measure(next(models[pred].parameters()).device) as cost:
+            x = dm.sample(models[pred], pred, noise=noise, steps=n, eta=e, spacing=grid, progress=False)
+        return dm.show_slices(x[0, 0], title=f"{pred}: {n} {grid} steps, eta {e:g}: "
+                                             f"{cost['seconds'] / n:.2f} s per step", fig=fig, vmin=-1, vmax=1)
+    prediction = prediction or next(iter(models))
+    widgets = dm._widgets()
+    if widgets is None:
+        return run(prediction, steps, eta, spacing)
+    choice = widgets.Dropdown(options=list(models), value=prediction, description="prediction")
+    n = widgets.IntSlider(value=steps, min=2, max=max(250, steps), description="steps", continuous_update=False)
+    e = widgets.FloatSlider(value=eta, min=0.0, max=1.0, step=0.1, description="eta", continuous_update=False)
+    grid = widgets.Dropdown(options=list(dm.SPACINGS), value=spacing, description="t grid")
+    button = widgets.Button(description="Sample", button_style="primary")
+    out = widgets.Output()
+
+    def redraw(_=None):
+        button.disabled = True
+        try:
+            dm._redraw(out, lambda fig: run(choice.value, n.value, e.value, grid.value, fig), (10, 3.8))
+        finally:
+            button.disabled = False
+    button.on_click(redraw)
+    redraw()
+    return widgets.VBox([widgets.HBox([choice, n]), widgets.HBox([e, grid, button]), out])
+
+
+# --- Notebook 03: loss curves ------------------------------------------------------------------
+
+
+def plot_losses(histories: dict, window: int | None = None, fig=None):
+    """Training loss curves {name: [loss per step]}: the raw losses faint, a moving average
+    (window steps, default max(1, steps // 20)) solid, log y. Each prediction's loss lives in
+    its own target space, so compare shapes, not heights. Returns the Figure."""
+    fig = _new_figure(fig, (7, 4))
+    ax = fig.subplots()
+    for name, h in histories.items():
+        h = np.asarray(h, dtype=np.float64)
+        w = max(1, min(len(h), window or len(h) // 20))
+        steps = np.arange(1, len(h) + 1)
+        line, = ax.plot(steps, h, alpha=0.25, lw=0.8)
+        smooth = np.convolve(h, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, color=line.get_color(), label=f"{name} (mean of {w})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (own target space)")
+    ax.legend()
+    return fig
+
+
+# --- Notebook 04: image-level checks (intensity histograms, diversity by 3-D SSIM) ---------------
+
+
+def _as_batch(volumes) -> torch.Tensor:
+    """A sequence of volumes or an (N, ...) array/tensor -> float32 tensor (N, X, Y, Z)."""
+    def as_tensor(v):
+        return torch.as_tensor(v if torch.is_tensor(v) else np.asarray(v)).float()
+    whole = torch.is_tensor(volumes) or isinstance(volumes, np.ndarray)
+    x = as_tensor(volumes) if whole else torch.stack([as_tensor(v) for v in volumes])
+    if x.ndim == 5 and x.shape[1] == 1:                                     # (N, 1, X, Y, Z) -> (N, X, Y, Z)
+        x = x[:, 0]
+    if x.ndim != 4:
+        raise ValueError(f"expected N volumes (N, X, Y, Z) or (N, 1, X, Y, Z), got shape {tuple(x.shape)}")
+    return x
+
+
+def intensity_histogram(volumes, bins=128, range=(-1.0, 1.0), mask=None) -> tuple:
+    """Pooled intensity histogram of N volumes -> (p (bins,) summing to 1, edges (bins + 1,)).
+
+    volumes: (N, X, Y, Z) or a sequence of (X, Y, Z); mask: bool, broadcastable
+    to volumes (e.g. one (X, Y, Z) brain mask), selects the voxels counted.
+    Values outside range are counted in the end bins.
+    """
+    x = _as_batch(volumes).numpy()
+    if mask is not None:
+        x = x[np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)]
+    if x.size == 0:
+        raise ValueError("intensity_histogram: no voxels selected (empty input or mask)")
+    counts, edges = np.histogram(np.clip(x, *range), bins=bins, range=range)
+    return counts / counts.sum(), edges
+
+
+def histogram_distance(p, q, edges) -> dict:
+    """Distances between two histograms on the same edges -> {"wasserstein": W1, "js": JS}.
+
+    W1 places each bin's mass at its centre: W1 = sum_k |P_k - Q_k| (c_(k+1) - c_k)
+    with P, Q the cumulative sums (intensity units; a shift by whole bins is exact).
+    JS = (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2, in bits (0 = same, 1 = disjoint).
+    """
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    p, q = p / p.sum(), q / q.sum()
+    centres = (np.asarray(edges[1:], np.float64) + np.asarray(edges[:-1], np.float64)) / 2
+    w1 = float(np.sum(np.abs(np.cumsum(p) - np.cumsum(q))[:-1] * np.diff(centres)))
+    m = (p + q) / 2
+
+    def kl(u):
+        keep = u > 0
+        return float(np.sum(u[keep] * np.log2(u[keep] / m[keep])))
+    return {"wasserstein": w1, "js": (kl(p) + kl(q)) / 2}
+
+
+def _gaussian_blur3d(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """Separable Gaussian filter, 'valid' (no padding): (B, 1, X, Y, Z) -> (B, 1, X-2r, Y-2r, Z-2r)."""
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    for axis in range(3):
+        x = F.conv3d(x, g.view([1, 1] + [g.numel() if i == axis else 1 for i in range(3)]))
+    return x
+
+
+def ssim3d(x, y, sigma=1.5, radius=3, data_range=2.0) -> torch.Tensor:
+    """Mean 3-D SSIM of pairs of volumes: (N, X, Y, Z) and (N, X, Y, Z) -> (N,).
+
+    Local Gaussian statistics (sigma, window 2 radius + 1, valid region only):
+    SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),
+    C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = data_range (2 for [-1, 1]).
+    """
+    x, y = _as_batch(x)[:, None], _as_batch(y)[:, None]                       # (N, 1, X, Y, Z)
+    if x.shape != y.shape or min(x.shape[2:]) <= 2 * radius:
+        raise ValueError(f"ssim3d needs equal shapes larger than the {2 * radius + 1}-voxel window, "
+                         f"got {tuple(x.shape[2:])} and {tuple(y.shape[2:])}")
+
+    def blur(v):
+        return _gaussian_blur3d(v, sigma, radius)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3, 4)).float()
+
+
+def diversity(volumes, max_pairs=None, seed=0, **ssim_kw) -> float:
+    """Mean pairwise 3-D SSIM over N volumes (N >= 2): near 1 means mode collapse.
+
+    Identical volumes give 1; independent noise gives ~0. Uses all N (N - 1) / 2
+    pairs, or max_pairs of them drawn without replacement (seeded).
+    """
+    x = _as_batch(volumes)
+    i, j = np.triu_indices(x.shape[0], k=1)
+    if i.size == 0:
+        raise ValueError(f"diversity needs at least 2 volumes, got {x.shape[0]}")
+    if max_pairs is not None and max_pairs < i.size:
+        pick = np.random.default_rng(seed).choice(i.size, size=max_pairs, replace=False)
+        i, j = i[pick], j[pick]
+    step = max(1, int(2e7 // x[0].numel()))                  # pairs per batch: bounded memory
+    scores = [ssim3d(x[i[k:k + step]], x[j[k:k + step]], **ssim_kw) for k in range(0, i.size, step)]
+    return float(torch.cat(scores).mean())

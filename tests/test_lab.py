@@ -1,0 +1,208 @@
+"""notebooks/lab.py: the lessons' own figures, widgets, timing panels and image checks.
+
+Plain Python here (no IPython kernel), so every widget returns its static Figure fallback.
+"""
+import ast
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_mini as dm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "notebooks"))
+import lab  # noqa: E402
+
+
+def test_lab_is_the_notebooks_copy_and_uses_only_what_ddpm_mini_has():
+    assert pathlib.Path(lab.__file__).resolve() == ROOT / "notebooks" / "lab.py"
+    tree = ast.parse((ROOT / "notebooks" / "lab.py").read_text(encoding="utf-8"))
+    used = {n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "dm"}
+    assert used and not [name for name in sorted(used) if not hasattr(dm, name)]
+
+
+# --- Notebook 01: the parameterizations -----------------------------------------------------------
+
+
+class _Oracle(torch.nn.Module):
+    """Knows the clean x0 (B, C, *S): outputs the exact target of `prediction`, plus `delta`."""
+
+    def __init__(self, x0, prediction, delta=0.0):
+        super().__init__()
+        self.x0, self.prediction, self.delta = x0, prediction, delta
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, x_t, t):
+        alpha, sigma = dm.Schedule().alpha_sigma(t, x_t)
+        eps = (x_t - alpha * self.x0) / sigma
+        return dm.target(self.prediction, self.x0, eps, t) + self.delta
+
+
+def test_x0_error_by_t_measures_the_conversion():
+    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ts = [0, 500, 999]
+    for p in dm.PREDICTIONS:
+        assert lab.x0_error_by_t(_Oracle(x0, p), p, x0, ts).max() < 1e-6, p
+    # a noise model off by delta everywhere: the x0 error is (sigma / alpha * delta)^2, ~157^2 delta^2 at t = 999
+    delta = 1e-3
+    err = lab.x0_error_by_t(_Oracle(x0, "noise", delta), "noise", x0, ts)
+    amp2 = 1 / dm.x0_loss_weight("noise", torch.tensor(ts)).numpy()
+    assert err == pytest.approx(amp2 * delta**2, rel=1e-3, abs=1e-9)
+    assert lab.x0_error_by_t(_Oracle(x0, "noise", delta), "noise", x0, ts, clip=True)[-1] < err[-1]
+    # an explicit schedule is the one used (the default one equals dm.Schedule())
+    assert lab.x0_error_by_t(_Oracle(x0, "noise", delta), "noise", x0, ts, schedule=dm.Schedule()) == pytest.approx(err)
+
+
+def test_plot_parameterizations_reads_the_targets():
+    fig = lab.plot_parameterizations()
+    a, b, w = fig.axes[:3]
+    lines = {ax: {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()} for ax in (a, b, w)}
+    alpha, sigma = (v.numpy() for v in dm.Schedule().alpha_sigma(torch.arange(1000)))
+    assert lines[a]["velocity"] == pytest.approx(-sigma) and lines[b]["velocity"] == pytest.approx(alpha)
+    assert set(lines[a]["flow"]) == {-1.0} and set(lines[b]["flow"]) == {1.0}
+    assert lines[w]["noise"] == pytest.approx(alpha**2 / sigma**2)
+    # another schedule: T sets the t axis
+    short = lab.plot_parameterizations(dm.Schedule(T=100), predictions=("sample",))
+    assert [len(ln.get_xdata()) for ln in short.axes[0].get_lines()] == [100]
+
+
+def test_targets_figures():
+    assert len(lab.explore_targets({"img": torch.zeros(8, 8)}, t=10).axes) == 7
+    assert len(lab.show_targets({"img": torch.zeros(8, 8)}, 10, "v").axes) == 4
+    fig = lab.show_targets({"a": np.zeros((1, 8, 8)), "b": torch.zeros(8, 8)}, 10, "flow")
+    assert len(fig.axes) == 8 and fig.axes[-1].get_title().startswith("flow target")
+    with pytest.raises(ValueError, match="2-D image"):
+        lab.show_targets({"img": torch.zeros(2, 8, 8)}, 10)
+
+
+# --- Notebook 02: trajectories, cost, controls ---------------------------------------------------
+
+
+def test_trajectory_viewers_and_figures_without_widgets():
+    model = dm.UNet(spatial_dims=3, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                    num_head_channels=4, norm_num_groups=4)
+    traj = lab.Trajectory()
+    x = dm.sample(model, "flow", shape=(2, 1, 16, 16, 16), steps=4, callback=traj, progress=False)
+    assert traj.t == [999, 666, 333, 0] and len(traj) == 4
+    assert set(traj.x_t[0]) == {"axial", "coronal", "sagittal"}
+    assert traj.x0_hat[-1]["axial"] == pytest.approx(dm.orthogonal_slices(x[0, 0])["axial"])  # last x0_hat = the sample
+    assert len(lab.view_trajectory(traj).axes) == 8                   # no IPython here: the static figure
+    assert len(lab.show_trajectory(traj, [0, 3], "coronal").axes) == 4
+    with pytest.raises(ValueError, match="empty"):
+        lab.show_trajectory(lab.Trajectory())
+    fig = lab.sampling_panel({"flow": model}, torch.randn(1, 1, 16, 16, 16), steps=2)
+    assert "s per step" in fig.texts[0].get_text()
+    assert len(lab.show_images({"a": torch.zeros(3, 1, 4, 4), "b": [torch.zeros(4, 4)]}).axes) == 6
+
+
+def test_trajectory_of_2d_samples():
+    model = dm.UNet(spatial_dims=2, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                    num_head_channels=4, norm_num_groups=4)
+    traj = lab.Trajectory(item=1)
+    x = dm.sample(model, "velocity", shape=(2, 1, 16, 16), steps=3, callback=traj, progress=False)
+    assert list(traj.x_t[0]) == ["image"] and traj.x_t[-1]["image"] == pytest.approx(x[1, 0].numpy())
+    assert len(lab.view_trajectory(traj).axes) == 6                   # all three steps, two rows
+
+
+def test_measure():
+    with lab.measure("cpu") as cost:
+        torch.ones(1000).sum()
+    assert cost["seconds"] >= 0 and cost["memory_mb"] > 0 and "MB" in cost["memory"]
+    assert lab.measure().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- Notebook 03: loss curves ---------------------------------------------------------------------
+
+
+def test_loss_and_curve_plots():
+    fig = lab.plot_losses({"a": [1.0, 0.5, 0.25], "b": [2.0]})
+    assert [ln.get_label() for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")] == \
+        ["a (mean of 1)", "b (mean of 1)"]
+    smooth = lab.plot_losses({"a": np.arange(1.0, 41.0)}).axes[0].get_lines()[1]
+    assert smooth.get_label() == "a (mean of 2)" and smooth.get_ydata()[0] == pytest.approx(1.5)
+    fig = lab.plot_curves({"a": [1, 2, 3]}, [0, 1, 2])
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [0, 1, 2] and fig.axes[0].get_yscale() == "log"
+
+
+# --- Notebook 04: image-level checks -------------------------------------------------------------
+
+
+def test_histograms_and_distance():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.8, 0.4, size=(2, 16, 16, 16))
+    p, edges = lab.intensity_histogram(x, bins=100)
+    assert p.shape == (100,) and edges.shape == (101,) and p.sum() == pytest.approx(1.0)
+    q, _ = lab.intensity_histogram(x + 0.2, bins=100)       # 10 bins of 0.02 to the right
+    d = lab.histogram_distance(p, q, edges)
+    assert d["wasserstein"] == pytest.approx(0.2, abs=0.003)  # rounding of values near bin edges
+    assert 0 < d["js"] < 1
+    assert lab.histogram_distance(p, p, edges) == {"wasserstein": 0.0, "js": 0.0}
+    disjoint = lab.histogram_distance(*lab.intensity_histogram(np.full((1, 4, 4, 4), -0.9), bins=10)[:1],
+                                      lab.intensity_histogram(np.full((1, 4, 4, 4), 0.9), bins=10)[0], edges[::10])
+    assert disjoint["js"] == pytest.approx(1.0) and disjoint["wasserstein"] == pytest.approx(1.8)
+    mask = np.zeros((16, 16, 16), bool)
+    mask[:8] = True
+    pm, _ = lab.intensity_histogram(x, bins=100, mask=mask)
+    assert pm.sum() == pytest.approx(1.0) and not np.allclose(pm, p)
+    with pytest.raises(ValueError, match="no voxels"):
+        lab.intensity_histogram(x, mask=np.zeros((16, 16, 16), bool))
+    # the same volumes as a list of (X, Y, Z) or as (N, 1, X, Y, Z): the same histogram
+    assert lab.intensity_histogram(list(x), bins=100)[0] == pytest.approx(p)
+    assert lab.intensity_histogram(torch.from_numpy(x)[:, None], bins=100)[0] == pytest.approx(p)
+    with pytest.raises(ValueError, match="expected N volumes"):
+        lab.intensity_histogram(np.zeros((4, 4)))
+
+
+def test_ssim_and_diversity():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(4, 24, 24, 24, generator=g) * 2 - 1
+    assert lab.diversity(noise) < 0.1
+    assert abs(lab.diversity(noise)) < 0.02                # measured 0.004
+    same = noise[:1].repeat(3, 1, 1, 1)
+    assert lab.diversity(same) == pytest.approx(1.0, abs=1e-5)
+    smooth = torch.linspace(-1, 1, 24).view(24, 1, 1).expand(24, 24, 24)
+    collapsed = (smooth + 0.05 * noise).clamp(-1, 1)      # one mode plus a little noise
+    assert 0.8 < lab.diversity(collapsed) < 0.99          # measured 0.95
+    assert lab.diversity(noise, max_pairs=2) == pytest.approx(lab.diversity(noise), abs=0.05)
+    with pytest.raises(ValueError, match="at least 2"):
+        lab.diversity(noise[:1])
+    assert lab.ssim3d(noise, noise) == pytest.approx(torch.ones(4), abs=1e-5)
+    with pytest.raises(ValueError, match="7-voxel window"):
+        lab.ssim3d(noise[:, :6], noise[:, :6])
+
+
+# --- The widgets, built outside a kernel (the with_widgets fixture: conftest.py) -----------------
+
+
+def test_widgets_redraw_on_their_controls(with_widgets):
+    widgets, drawn = with_widgets
+    box = lab.explore_targets({"img": torch.zeros(8, 8)}, t=10)
+    assert isinstance(box, widgets.VBox) and len(drawn[-1].axes) == 7
+    slider, choice = box.children[0].children
+    assert (slider.value, slider.max) == (10, 999)
+    choice.value = "velocity"
+    assert len(drawn[-1].axes) == 4 and drawn[-1].axes[-1].get_title().startswith("velocity target")
+
+    model = dm.UNet(spatial_dims=3, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                    num_head_channels=4, norm_num_groups=4)
+    traj = lab.Trajectory()
+    dm.sample(model, "flow", shape=(1, 1, 16, 16, 16), steps=3, callback=traj, progress=False)
+    step, plane = lab.view_trajectory(traj).children[0].children
+    assert step.value == 3 and drawn[-1].axes[0].get_title() == "step 3/3: the sample"
+    step.value = 1
+    assert drawn[-1].axes[0].get_title() == "step 1/3: x at t = 500"
+    plane.value = "sagittal"
+    assert len(drawn[-1].axes) == 2
+    with pytest.raises(ValueError, match="empty"):
+        lab.view_trajectory(lab.Trajectory())
+
+    panel = lab.sampling_panel({"flow": model}, torch.randn(1, 1, 16, 16, 16), steps=2)
+    assert "flow: 2 linspace steps, eta 0" in drawn[-1].texts[0].get_text()
+    (_, n), (eta, grid, button) = (row.children for row in panel.children[:2])
+    n.value, grid.value = 3, "leading"
+    button.click()
+    assert "flow: 3 leading steps" in drawn[-1].texts[0].get_text() and not button.disabled
