@@ -2,11 +2,12 @@
 
     python tests/bench_unet.py                               # CPU, fp32, 64^3 and 96x112x96
     python tests/bench_unet.py --device cuda --shapes 64,64,64 96,112,96 192,224,192   # fp16 autocast
+    python tests/bench_unet.py --plain          # also our plain forward passes, UNet(fast=False)
 
 Same weights (MEDFORJ_UNET, random but identical), same input, t = 500. Each
 measurement runs in a fresh subprocess so peak memory is clean; ours and MONAI
-alternate. Memory is the peak above the level just before the forward pass
-(CPU: resident set size, with the peak counter reset through /proc/self/clear_refs;
+alternate (with --plain: ours, MONAI, plain, then the reverse). Memory is the peak
+above the level just before the forward pass (CPU: resident set size, with the peak counter reset through /proc/self/clear_refs;
 CUDA: torch.cuda.max_memory_allocated). Prints medians and the ratios ours/MONAI.
 Goals on a CPU: time <= 0.9x, peak memory <= 0.8x.
 """
@@ -40,8 +41,8 @@ def worker(args):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    if args.worker == "ours":
-        model = dm.UNet(**dm.MEDFORJ_UNET)
+    if args.worker in ("ours", "plain"):
+        model = dm.UNet(**dm.MEDFORJ_UNET, fast=args.worker == "ours")
         model.load_state_dict(ref.state_dict(), strict=True)
         del ref
     else:
@@ -95,7 +96,8 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["64,64,64", "96,112,96"])
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (ours, MONAI) per shape")
     p.add_argument("--repeats", type=int, default=3, help="timed forward passes per worker")
-    p.add_argument("--worker", choices=("ours", "monai"), help=argparse.SUPPRESS)
+    p.add_argument("--plain", action="store_true", help="also time our U-Net's plain forward passes (UNet(fast=False))")
+    p.add_argument("--worker", choices=("ours", "plain", "monai"), help=argparse.SUPPRESS)
     p.add_argument("--shape", type=int, nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -104,17 +106,20 @@ def main():
     precision = "fp16 autocast" if args.device.startswith("cuda") else "fp32"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"U-Net forward, MEDFORJ_UNET, batch 1, {precision}, {device_name}, torch {torch.__version__}")
-    print(f"{'shape':>14} {'ours s':>8} {'MONAI s':>8} {'time':>6} {'ours MiB':>9} {'MONAI MiB':>9} {'memory':>7}")
+    print(f"{'shape':>14} {'ours s':>8} {'MONAI s':>8} {'time':>6} {'ours MiB':>9} {'MONAI MiB':>9} {'memory':>7}"
+          + (f" {'plain s':>8} {'time':>6} {'plain MiB':>9} {'memory':>7}" if args.plain else ""))
     for spec in args.shapes:
         shape = tuple(int(v) for v in spec.split(","))
-        res = {"ours": [], "monai": []}
+        res = {"ours": [], "monai": [], **({"plain": []} if args.plain else {})}
         for r in range(args.rounds):
-            for which in (("ours", "monai") if r % 2 == 0 else ("monai", "ours")):
+            for which in (list(res) if r % 2 == 0 else list(res)[::-1]):
                 res[which].append(run_one(which, shape, args))
         t = {k: statistics.median(x for v in res[k] for x in v["times"]) for k in res}
         m = {k: min(v["peak"] for v in res[k]) for k in res}
         print(f"{'x'.join(map(str, shape)):>14} {t['ours']:8.3f} {t['monai']:8.3f} {t['ours'] / t['monai']:5.2f}x "
-              f"{m['ours'] / 2**20:9.0f} {m['monai'] / 2**20:9.0f} {m['ours'] / m['monai']:6.2f}x", flush=True)
+              f"{m['ours'] / 2**20:9.0f} {m['monai'] / 2**20:9.0f} {m['ours'] / m['monai']:6.2f}x"
+              + (f" {t['plain']:8.3f} {t['plain'] / t['monai']:5.2f}x {m['plain'] / 2**20:9.0f} "
+                 f"{m['plain'] / m['monai']:6.2f}x" if args.plain else ""), flush=True)
 
 
 if __name__ == "__main__":
