@@ -1859,7 +1859,7 @@ def _despeckle(labels: np.ndarray, n_labels: int, min_same=3, rounds=2) -> np.nd
 def segment_phantom(image, n_iter=5) -> np.ndarray:
     """Label a phantom() image with PHANTOM_LABELS numbers: (X, Y, Z) in [-1, 1] -> uint8 (X, Y, Z).
 
-    Voxels up to 4 mm (coarser, the 5-6 mm scalp and skull no longer close the head). Steps
+    Voxels up to about 4.7 mm (40x48x40; coarser, the 5-6 mm scalp and skull no longer close the head). Steps
     (docs/methods.md#phantom-segmenter): topology (background, scalp), a quadratic bias field
     fitted with nearest-mean labels, ventricles told from outer CSF by two floods, deep grey
     split into thalamus / putamen, left / right by the phantom's ellipsoids.

@@ -370,3 +370,14 @@ def test_load_volume_table_reads_csvs_and_folders(tmp_path):
         dm.load_volume_table(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="SynthSeg volume CSV or a folder"):
         dm.load_volume_table(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("shape, works", [((40, 48, 40), True), ((32, 40, 32), False)])
+def test_segment_phantom_grid_limit(shape, works):
+    """docs/methods.md#phantom-segmenter: 40x48x40 (4.67 mm voxels) is segmented exactly; at 32x40x32
+    (5.6 mm) the one-voxel skull no longer closes the head and the tissues are lost."""
+    for seed in (100, 101, 102):
+        image, truth = dm.phantom(seed, shape)
+        scores = dm.dice(dm.segment_phantom(image), truth)
+        tissues = [scores[k] for k in ("skull", "csf", "cortex", "white_matter", "left_thalamus", "right_putamen")]
+        assert (min(tissues) >= 0.95) if works else (max(tissues) <= 0.2), (shape, seed, scores)
