@@ -94,6 +94,26 @@ def score(model, args, shape, ref):
     return x, w1s, dices, ok
 
 
+KNOBS = ("prediction", "shape", "unet", "batch", "lr", "warmup", "decay", "lr_floor", "clip", "ema", "ema_warmup",
+         "tsample", "augment", "sample_steps", "seed", "budget")
+
+
+def summarize(path):
+    """Markdown table of a study CSV: one line per (tag, model), its scoring points in step order."""
+    rows = list(csv.DictReader(open(path)))
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["tag"], r["model"]), []).append(r)
+    print("| run | model | settings | s/step (1 thread) | step: W1 min-max, tDice min-max, recognisable |")
+    print("|---|---|---|---|---|")
+    for (tag, model), rs in runs.items():
+        knobs = ", ".join(f"{k} {rs[0][k]}" for k in KNOBS if rs[0][k] != "")
+        points = "; ".join(f"{r['step']}: {float(r['w1_min']):.3f}-{float(r['w1_max']):.3f}, "
+                           f"{float(r['tdice_min']):.2f}-{float(r['tdice_max']):.2f}, **{r['recognisable']}/4**"
+                           for r in sorted(rs, key=lambda r: int(r["step"])))
+        print(f"| {tag} | {model} | {knobs} | {float(rs[-1]['s_per_step']):.2f} | {points} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +143,10 @@ def main():
     a("--png-dir", default=str(ROOT / "study_logs" / "png"))
     a("--speed-only", type=int, default=0, help="time this many steps (after 2 warm-up steps), print s/step, exit")
     a("--no-baselines", action="store_true")
+    a("--summarize", action="store_true", help="print the CSV as a markdown table (one line per run and model) and exit")
     args = parser.parse_args()
+    if args.summarize:
+        return summarize(pathlib.Path(args.csv))
     torch.set_num_threads(args.threads)
     shape = tuple(args.shape)
     overrides = ast.literal_eval(args.unet)
