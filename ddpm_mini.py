@@ -1392,23 +1392,19 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
           keep: int = 3, resume: bool = False, seed: int = 0, preview_every: int = 0, preview_steps: int = 32,
           on_preview=None, max_minutes: float | None = None, schedule=None, device=None, dtype=None,
           progress: bool = True) -> TrainResult:
-    """Train `model` to predict `prediction` for `steps` steps (the paper's recipe) and keep an EMA copy.
+    """Train `model` to predict `prediction` for `steps` steps (the paper's recipe) and keep an EMA copy
+    (docs/methods.md#training-recipe).
 
-    data: items (C, *S) from a Dataset or tensor (shuffled each epoch), an endless indexable dataset
-    such as PhantomDataset(n=None), or any re-iterable (DataLoader, IterableDataset) of (C, *S)
-    items or (B, C, *S) batches; items are stacked batch_size at a time; values in [-1, 1].
-    Step k: loss = diffusion_loss with a generator seeded by (seed, rank, k); Adam (lr) after
-    clipping the gradient norm to max_grad_norm (None: no clipping); then the EMA
-    theta_ema <- d theta_ema + (1 - d) theta, d = min(ema_decay, (1 + k) / (10 + k)).
-    CUDA runs under autocast (dtype None: bfloat16 where supported, else float16 with a
-    GradScaler; "float32": off); a CPU runs in float32.
-    out: a folder for checkpoints (every checkpoint_every steps and at the end, the newest `keep`
-    kept), history.csv and previews (None: write nothing). resume=True continues from the newest
-    complete checkpoint in out, bit-identical on a CPU to an uninterrupted run. preview_every:
-    every that many steps, sample the EMA model (preview_steps DDIM steps, fixed noise), write
-    previews/step_N.png and call on_preview(step, x). max_minutes stops early, with a checkpoint.
-    Under torchrun (WORLD_SIZE > 1): DistributedDataParallel, each rank with its own data and
-    noise; rank 0 alone writes files.
+    data: a Dataset or tensor of (C, *S) items (shuffled each epoch), an endless indexable dataset
+    (PhantomDataset(n=None)) or any re-iterable of items or (B, C, *S) batches; values in [-1, 1].
+    Step k: diffusion_loss with a generator seeded by (seed, rank, k); Adam (lr) after clipping the
+    gradient norm to max_grad_norm (None: off); EMA theta_e <- d theta_e + (1 - d) theta with
+    d = min(ema_decay, (1 + k) / (10 + k)). CUDA autocasts (dtype None: bfloat16 where supported,
+    else float16 with a GradScaler); a CPU runs float32. out: checkpoints every checkpoint_every
+    steps and at the end (the newest `keep`), history.csv, previews every preview_every steps
+    (also passed to on_preview(step, x)); None writes nothing. resume=True continues the newest
+    checkpoint in out, bit-identical on a CPU. max_minutes stops early, with a checkpoint. Under
+    torchrun: DistributedDataParallel, own data and noise per rank, rank 0 writes.
     """
     prediction, schedule, device = canonical_prediction(prediction), _schedule(schedule), _device(device)
     if steps < 1 or batch_size < 1 or keep < 1 or checkpoint_every < 1:
