@@ -139,6 +139,7 @@ class Schedule:
 
     @classmethod
     def from_config(cls, config: dict) -> "Schedule":
+        """The schedule a config() (e.g. a weights file's "schedule" metadata) describes."""
         config = dict(config)
         if config.pop("kind", "linear") != "linear":
             raise ValueError(f"unknown schedule kind in {config}: this kit has the linear schedule only")
@@ -1425,6 +1426,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
         for unfinished in (out / "checkpoints").glob("step_*.tmp"):
             shutil.rmtree(unfinished, ignore_errors=True)
     result = TrainResult(model, ema, history, ckpt if writes else None, out / "history.csv" if writes else None)
+    ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))  # (EMA tensor, its source)
     bar = tqdm(total=steps, initial=step, desc=f"training ({prediction})", disable=not progress or rank != 0)
     started = time.perf_counter()
     while step < steps:
@@ -1441,7 +1443,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-        _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
+        _ema_update(ema_pairs, min(ema_decay, (1 + step) / (10 + step)))
         step += 1
         timed_out = max_minutes is not None and time.perf_counter() - started > 60 * max_minutes
         loss, stop = _agree(loss.detach().float(), timed_out, world)
@@ -1530,9 +1532,10 @@ def _agree(loss: torch.Tensor, stop: bool, world: int) -> tuple:
 
 
 @torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """theta_ema <- decay theta_ema + (1 - decay) theta (buffers that are not floats are copied)."""
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+def _ema_update(pairs: list, decay: float) -> None:
+    """theta_ema <- decay theta_ema + (1 - decay) theta for each (EMA tensor, model tensor) pair
+    (buffers that are not floats are copied)."""
+    for e, p in pairs:
         if e.is_floating_point():
             e.lerp_(p, 1 - decay)
         else:

@@ -207,7 +207,7 @@ def test_training_helpers():
         model.weight.fill_(2.0)
         ema.weight.fill_(1.0)
     model.num_batches_tracked += 7
-    dm._ema_update(ema, model, 0.75)
+    dm._ema_update(list(zip(ema.state_dict().values(), model.state_dict().values())), 0.75)
     assert torch.equal(ema.weight, torch.full((3,), 1.25)) and int(ema.num_batches_tracked) == 7
     assert dm._agree(torch.tensor(0.5), True, 1) == (0.5, True) and dm._agree(torch.tensor(2.0), False, 1) == (2.0, False)
     assert dm._training_dtype(torch.device("cpu"), None) is None
