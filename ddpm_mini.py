@@ -99,7 +99,7 @@ MEDFORJ_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1,
                     num_res_blocks=2, num_head_channels=8, norm_num_groups=8)
 
 #: U-Net for teaching on a CPU (1,802,481 parameters, 4% of MEDFORJ_UNET), for TEACHING_SHAPE
-#: phantoms: three levels, one ResBlock each, attention only at the bottom (12 x 14 x 12 tokens).
+#: phantoms: three levels, one ResBlock each, attention only at the bottom (10 x 12 x 10 tokens).
 TEACHING_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1,
                      channels=(16, 32, 64), attention_levels=(False, False, True),
                      num_res_blocks=1, num_head_channels=16, norm_num_groups=8)
@@ -107,8 +107,10 @@ TEACHING_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1,
 #: The published models' image grid: 1 mm voxels, LPS, (D, H, W) = (L-R, P-A, I-S).
 IMAGE_SHAPE = (192, 224, 192)
 
-#: The teaching grid: IMAGE_SHAPE's field of view at 4 mm (phantoms, demo, notebooks).
-TEACHING_SHAPE = (48, 56, 48)
+#: The teaching grid (phantoms, demo, notebooks, the shipped teaching models): 224 / 48 = 4.67 mm
+#: voxels over IMAGE_SHAPE's field of view, the coarsest grid segment_phantom handles
+#: (docs/methods.md#phantom-segmenter); a training step costs 0.58x one at 48 x 56 x 48.
+TEACHING_SHAPE = (40, 48, 40)
 
 #: The reference generator's output affine: 1 mm, LPS (nibabel axis codes L, P, S).
 LPS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -753,7 +755,8 @@ def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta:
 def _atomic_write(path, write) -> pathlib.Path:
     """Call write(tmp) on a fresh temporary file beside path (mkstemp: an unpredictable name,
     created exclusively), then rename it over path. A crash or an exception leaves the
-    previous file (or none) in place, never a partial one."""
+    previous file (or none) in place, never a partial one. The file gets the permissions an
+    ordinary open() would give it (0666 less the umask), not mkstemp's owner-only 0600."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)  # keep .nii.gz etc. so writers pick the right format
@@ -761,6 +764,9 @@ def _atomic_write(path, write) -> pathlib.Path:
     os.close(fd)
     try:
         write(pathlib.Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -768,13 +774,17 @@ def _atomic_write(path, write) -> pathlib.Path:
     return path
 
 
-def save_weights(model: nn.Module, path, schedule=None, **metadata) -> pathlib.Path:
+def save_weights(model: nn.Module, path, schedule=None, dtype=None, **metadata) -> pathlib.Path:
     """Write model's state dict as .safetensors with metadata, atomically.
 
     Metadata: "format" = "ddpm-mini", "unet" = the model's config, "schedule" = the schedule it
     was trained with (default DEFAULT_SCHEDULE), plus every keyword (e.g. prediction="flow");
-    values other than strings are JSON-encoded. load_model reads them back.
+    values other than strings are JSON-encoded. load_model reads them back. dtype (e.g.
+    torch.float16: half the file) stores the floating-point tensors in that type; loading casts
+    them back to the model's.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"save_weights: dtype must be a floating torch dtype such as torch.float16, got {dtype!r}")
     path = pathlib.Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_weights writes .safetensors files, got {path.name!r}")
@@ -783,7 +793,8 @@ def save_weights(model: nn.Module, path, schedule=None, **metadata) -> pathlib.P
     meta = {"format": "ddpm-mini", "version": __version__, **({"unet": model.config} if hasattr(model, "config") else {}),
             "schedule": _schedule(schedule).config(), **metadata}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
     return _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
@@ -958,11 +969,29 @@ def _copy_local(url, output_file, pooch_obj):
                 shutil.copyfileobj(src, dst)
 
 
+def _bundled(name: str, row: dict):
+    """The copy of an asset shipped with the kit (weights/<file name> beside the manifest: the
+    repository in a checkout, <data root>/share/ddpm-mini/ when installed), checked against the
+    manifest hash; None when there is none."""
+    fname = pathlib.PurePosixPath(urlparse(row["url"]).path).name
+    path = manifest_path().resolve().parent / "weights" / fname
+    if not path.is_file():
+        return None
+    if row.get("hash"):
+        algorithm, _, expected = row["hash"].rpartition(":")
+        if pooch.file_hash(str(path), alg=algorithm or "sha256") != expected.lower():
+            raise ValueError(f"{name}: the bundled file {path} does not match the manifest hash {row['hash']} "
+                             "(edited or partly checked out? restore it with git, or reinstall the kit)")
+    return path
+
+
 _WARNED_UNVERIFIED = set()
 
 
 def fetch(name: str, progress: bool = True) -> pathlib.Path:
-    """Download one manifest asset (once; later calls use the cache) and return its path.
+    """Download one manifest asset (once; later calls use the cache) and return its path. Assets
+    shipped with the kit (the teaching models) come from its weights/ folder when it is there
+    (a checkout, an installed copy) and are downloaded from their url otherwise (e.g. on Colab).
 
     The file's hash is checked when the manifest has one: a wrong file raises a ValueError and
     leaves nothing in the cache. Rows without a published hash are marked unverified and
@@ -976,6 +1005,9 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     row = rows[name]
     if not row.get("url") or row.get("kind") == "source":
         raise ValueError(f"{name!r} is listed for reference only and cannot be fetched: {row.get('description', '')}")
+    bundled = _bundled(name, row)
+    if bundled is not None:
+        return bundled
     url, fname = _source(row)
     known_hash = row.get("hash") or None
     if known_hash is None and name not in _WARNED_UNVERIFIED:
@@ -1195,7 +1227,7 @@ def phantom(seed, shape=(64, 64, 64), voxel_mm=None, **params) -> tuple:
 
     image: float32 numpy (D, H, W) in [-1, 1]; labels: uint8 (D, H, W), PHANTOM_LABELS numbers.
     Axes as the model's (LPS: index grows to the left, posterior, superior). voxel_mm defaults
-    to 224 / max(shape), IMAGE_SHAPE's field of view: 4 mm at TEACHING_SHAPE. The anatomy
+    to 224 / max(shape), IMAGE_SHAPE's field of view: 4.67 mm at TEACHING_SHAPE. The anatomy
     (docs/methods.md#phantoms): scalp, skull, CSF, a folded cortex over white matter,
     ventricles, thalami, putamina; atrophy, pose, bias field, noise. Draws come from numpy's
     Generator seeded with seed (PHANTOM_DISTRIBUTIONS); keyword params fix any draw and leave
@@ -1419,7 +1451,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     net, rank, world, own_group = _distribute(model, ema, device, fresh=ckpt is None)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    step, position, history = _restore(ckpt, model, ema, optimizer, scaler, prediction, schedule, rank, world)
+    step, position, history, seconds = _restore(ckpt, model, ema, optimizer, scaler, prediction, schedule, rank, world)
     batches = _batches(_elements(data, seed, rank, world, position), batch_size, getattr(model, "spatial_dims", 3))
     writes = out is not None and rank == 0
     if writes:  # checkpoints a killed run left unfinished
@@ -1452,12 +1484,15 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
         bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}")
         stop = stop and step < steps
         if out is not None and (step % checkpoint_every == 0 or step == steps or stop):
-            state = {"step": step, "data_position": position, "seed": seed, "world_size": world,
+            spent = seconds + time.perf_counter() - started
+            state = {"step": step, "data_position": position, "seed": seed, "world_size": world, "seconds": spent,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "history": torch.tensor(history, dtype=torch.float64), "rng": _gather_rng_states(world)}
             if writes:
                 result.checkpoint = _save_checkpoint(out, step, model, ema, state, keep, prediction=prediction,
-                                                     schedule=schedule, shape=list(x0.shape[2:]), seed=seed)
+                                                     schedule=schedule, shape=list(x0.shape[2:]), seed=seed,
+                                                     batch_size=batch_size * world, lr=lr, ema_decay=ema_decay,
+                                                     seconds=round(spent, 1))
                 _write_history(result.history_csv, history)
             _barrier(world)
         if preview_every and step % preview_every == 0 and rank == 0 and (writes or on_preview is not None):
@@ -1544,9 +1579,9 @@ def _ema_update(pairs: list, decay: float) -> None:
 
 def _restore(ckpt, model, ema, optimizer, scaler, prediction: str, schedule: Schedule, rank: int, world: int) -> tuple:
     """Load a checkpoint's weights, optimizer, scaler and RNG states; returns (step, data position,
-    loss history), (0, 0, []) for a fresh run."""
+    loss history, training seconds so far), (0, 0, [], 0.0) for a fresh run."""
     if ckpt is None:
-        return 0, 0, []
+        return 0, 0, [], 0.0
     meta = load_weights(model, ckpt / "model.safetensors")
     if meta.get("prediction") != prediction:
         raise ValueError(f"train: {ckpt} was trained for {meta.get('prediction')!r}, not {prediction!r}")
@@ -1562,7 +1597,7 @@ def _restore(ckpt, model, ema, optimizer, scaler, prediction: str, schedule: Sch
     else:
         warnings.warn(f"train: {ckpt} comes from {len(state['rng'])} process(es), this run has {world}; "
                       "the global RNG states are not restored", stacklevel=3)
-    return state["step"], state["data_position"], state["history"].tolist()
+    return state["step"], state["data_position"], state["history"].tolist(), float(state.get("seconds", 0.0))
 
 
 def _preview(result: TrainResult, out, prediction: str, shape: tuple, step: int, steps: int, schedule, seed: int,
@@ -2104,8 +2139,9 @@ def comparison_report(real, synthetic: dict, out_dir, structures=None, merge_lr=
     real: a volume table, or volumes/label maps for regional_volumes(voxel_mm=...);
     synthetic: {set name: the same}. Each set gets compare_volumes(set, real)
     (difference = synthetic - real; p adjusted across structures within the set).
-    The figure has one panel per structure: box plots with the subjects as dots,
-    real first, then each set, titled with the adjusted p-values.
+    The figure has one panel per structure, as the paper's: violins (kernel density) with the
+    subjects as dots and the mean as a bar, real first, then each set, titled with the adjusted
+    p-values.
     Returns {"csv": path, "figure": path, "table": rows (with a "set" key)}.
     """
     as_table = lambda v: v if isinstance(v, dict) and "volumes" in v else regional_volumes(v, voxel_mm)  # noqa: E731
@@ -2130,7 +2166,7 @@ def comparison_report(real, synthetic: dict, out_dir, structures=None, merge_lr=
     for s, names in enumerate(matched):
         ax = fig.add_subplot(nrow, ncol, s + 1)
         data = [real["volumes"][names[0]]] + [t["volumes"][n] for t, n in zip(sets.values(), names[1:])]
-        ax.boxplot(data, showfliers=False)
+        ax.violinplot(data, showextrema=False, showmeans=True)
         for g, d in enumerate(data):
             ax.scatter(g + 1 + rng.uniform(-0.15, 0.15, d.size), d, s=6, alpha=0.5)
         ax.set_xticks(range(1, len(data) + 1), ["real", *sets], rotation=30)
@@ -2289,7 +2325,7 @@ def _cmd_sample(args) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: sample i on rank i % world
     device = _device(args.device)
     if args.weights:
-        model, meta = load_model(args.weights, device)
+        model, meta = load_model(_weights_source(args.weights), device)
         prediction = canonical_prediction(args.prediction or meta.get("prediction") or "")
     else:
         if not args.prediction:
@@ -2328,13 +2364,26 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _weights_source(value: str):
+    """--weights: a weights file or run folder, else a manifest name of kind weights (fetched)."""
+    path = pathlib.Path(value)
+    if path.exists() or path.suffix or len(path.parts) > 1:  # a path: load_model says what is missing
+        return value
+    names = [n for n, r in read_manifest().items() if r.get("kind") == "weights" and r.get("url")]
+    if value in names:
+        return fetch(value)
+    raise FileNotFoundError(f"--weights {value}: no such file or folder, and no weights of that name in the "
+                            f"manifest (those are: {', '.join(names)})")
+
+
 def _sample_parser(sub):
     p = _subcommand(sub, "sample", "generate volumes with DDIM (NIfTI, LPS, 1 mm, uint16, + a PNG of three slices); "
                        "under torchrun, sample i is made by rank (i mod WORLD_SIZE)")
     p.add_argument("--prediction", help=f"pretrained MedForj model to fetch ({', '.join(PREDICTIONS)}; aliases accepted),"
                    " or the prediction of --weights if its metadata lacks it")
     p.add_argument("--weights", help="a .safetensors/.pt file instead of the pretrained model (ddpm-mini metadata gives its "
-                   "U-Net, schedule and training size), or a train output or checkpoint folder (its EMA weights)")
+                   "U-Net, schedule and training size), a train output or checkpoint folder (its EMA weights), or "
+                   "a manifest name such as teaching_flow")
     p.add_argument("--steps", type=int, default=64, help="DDIM steps (default 64)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default)")
     p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep grid (default linspace)")

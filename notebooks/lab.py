@@ -8,6 +8,7 @@ widget returns a static matplotlib Figure instead.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -369,6 +370,25 @@ def plot_losses(histories: dict, window: int | None = None, fig=None):
     return fig
 
 
+def plot_long_runs(runs: dict, mark: int | None = None, fig=None):
+    """The loss histories the shipped teaching models carry ({name: load_model metadata}, with
+    "history": the mean loss of every "history_every" steps), log y, and a dashed line at step
+    `mark` (where the student's runs stopped). Returns the Figure."""
+    fig = _new_figure(fig, (7, 4))
+    ax, every = fig.subplots(), 1
+    for name, meta in runs.items():
+        h = np.asarray(json.loads(meta["history"]) if isinstance(meta["history"], str) else meta["history"], float)
+        every = int(meta.get("history_every", 1))
+        ax.plot(every * np.arange(1, len(h) + 1), h, label=f"{name} ({every * len(h)} steps)")
+    if mark:
+        ax.axvline(mark, ls="--", color="k", lw=1, label=f"your runs: {mark} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss (own target space, mean of {every})")
+    ax.legend()
+    return fig
+
+
 # --- Notebook 04: image-level checks (intensity histograms, diversity by 3-D SSIM) ---------------
 
 
@@ -467,3 +487,96 @@ def diversity(volumes, max_pairs=None, seed=0, **ssim_kw) -> float:
     step = max(1, int(2e7 // x[0].numel()))                  # pairs per batch: bounded memory
     scores = [ssim3d(x[i[k:k + step]], x[j[k:k + step]], **ssim_kw) for k in range(0, i.size, step)]
     return float(torch.cat(scores).mean())
+
+
+# --- Notebooks 03 and 04: is a sample a recognisable phantom? how close is a set to the truth? ----
+
+#: Quantile levels at which PhantomScore.w1 compares intensity distributions.
+LEVELS = np.linspace(0.0005, 0.9995, 1000)
+#: The tissue labels tDice scores: scalp, skull, CSF (+ ventricles: same mean), cortex, white matter.
+TISSUES = (1, 2, 3, 4, 5)
+
+
+def nearest_tissue(x) -> np.ndarray:
+    """Label each voxel by the nearest PHANTOM_INTENSITIES mean (shared means: the lowest label)."""
+    means = np.array([dm.PHANTOM_INTENSITIES[k] for k in sorted(dm.PHANTOM_INTENSITIES)], np.float32)
+    return np.abs(np.asarray(x, np.float32)[..., None] - means).argmin(-1)
+
+
+class PhantomScore:
+    """Segmentation-free scores of phantom-like volumes against n reference phantoms (seeds 20000..)
+    at a grid (the criterion of tests/bench_lab.py and tests/bench_train.py):
+      w1     Wasserstein-1 distance of the voxel intensities to the references' pooled (1000 quantiles);
+      tdice  mean Dice over scalp, skull, CSF, cortex, WM, voxels labelled by nearest tissue mean,
+             against the best-matching reference;
+    recognisable: w1 <= 0.12 and tdice >= 0.45. Real phantoms score tDice 0.50-0.71, the blurred
+    mean head 0.36, noise 0.09 (docs/methods.md#teaching-recipe has the baselines per grid)."""
+
+    def __init__(self, shape, n=16):
+        images = [dm.phantom(20_000 + i, tuple(shape))[0] for i in range(n)]
+        self.shape = tuple(shape)
+        self.quantiles = np.quantile(np.concatenate([x.ravel() for x in images]), LEVELS)
+        self.labels = [nearest_tissue(x) for x in images]
+
+    def w1(self, x) -> float:
+        return float(np.abs(np.quantile(np.asarray(x).ravel(), LEVELS) - self.quantiles).mean())
+
+    def tdice(self, x) -> float:
+        s = nearest_tissue(x)
+
+        def dice(r):
+            return np.mean([2 * ((s == c) & (r == c)).sum() / max((s == c).sum() + (r == c).sum(), 1) for c in TISSUES])
+        return float(max(dice(r) for r in self.labels))
+
+    def recognisable(self, x) -> bool:
+        return self.w1(x) <= 0.12 and self.tdice(x) >= 0.45
+
+    def table(self, sets: dict) -> list:
+        """{name: volumes (N, X, Y, Z) or (N, 1, X, Y, Z)} -> rows: name, n, mean W1, mean tDice,
+        recognisable ("k of N"), for dm.format_table."""
+        rows = []
+        for name, volumes in sets.items():
+            x = _as_batch(volumes).numpy()
+            w1s, dices = [self.w1(v) for v in x], [self.tdice(v) for v in x]
+            ok = sum(w <= 0.12 and d >= 0.45 for w, d in zip(w1s, dices))
+            rows.append({"model": name, "n": len(x), "W1": f"{np.mean(w1s):.3f}", "tDice": f"{np.mean(dices):.2f}",
+                         "recognisable": f"{ok} of {len(x)}"})
+        return rows
+
+
+def comparison_summary(rows, baseline="segmented", alpha=0.05) -> str:
+    """One paragraph, from dm.comparison_report's table rows, on which set is closest to the truth.
+
+    Per set: mean |Cohen's d| over the structures, mean W1 in units of the truth's SD, and how
+    many structures differ at adjusted p < alpha. Sets are ranked by mean |d| (smaller is
+    closer); the baseline set (real phantoms put through the segmenter) is the floor. Every set
+    whose name contains "noise" gets a sentence on whether noise prediction lags the others."""
+    stats = {}
+    for r in rows:
+        s = stats.setdefault(r["set"], {"d": [], "w": [], "hits": 0})
+        s["d"].append(abs(r["cohen_d"]))
+        s["w"].append(r["wasserstein"] / max(r["sd_real"], 1e-12))
+        s["hits"] += r["p_adjusted"] < alpha
+    models = sorted((k for k in stats if k != baseline), key=lambda k: np.mean(stats[k]["d"]))
+    if not models:
+        raise ValueError(f"comparison_summary: no set besides the baseline {baseline!r}")
+    n = len(stats[models[0]]["d"])
+
+    def describe(k):
+        s = stats[k]
+        return (f"mean |d| {np.mean(s['d']):.2f}, W1 {np.mean(s['w']):.2f} truth-SDs, "
+                f"{s['hits']} of {n} structures different at adjusted p < {alpha:g}")
+    text = [f"Closest to the truth: {models[0]} ({describe(models[0])})."]
+    if len(models) > 1:
+        text.append(f"Farthest: {models[-1]} ({describe(models[-1])}).")
+        text.append("Order, closest first: " + ", ".join(models) + ".")
+    if baseline in stats:
+        text.append(f"The segmenter alone (real phantoms, '{baseline}') gives {describe(baseline)}: "
+                    "differences of that size are the instrument's, not a model's.")
+    for k in (m for m in models if "noise" in m):
+        rank = models.index(k) + 1
+        others = [np.mean(stats[m]["d"]) for m in models if "noise" not in m]
+        lags = bool(others) and np.mean(stats[k]["d"]) > max(others)
+        text.append(f"Noise prediction ({k}) ranks {rank} of {len(models)}: "
+                    + ("it lags every other parameterization." if lags else "it does not lag all the others here."))
+    return " ".join(text)

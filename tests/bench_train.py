@@ -33,39 +33,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "notebooks"))
 import ddpm_mini as dm  # noqa: E402
+from lab import PhantomScore  # noqa: E402
 
 SHAPE = dm.TEACHING_SHAPE  # (48, 56, 48): the demo's phantoms
-LEVELS = np.linspace(0.0005, 0.9995, 1000)
-CLASSES = (1, 2, 3, 4, 5)  # scalp, skull, csf (+ ventricles), cortex, white matter
 
 
-def nearest_mean_labels(x):
-    """Label each voxel by the nearest PHANTOM_INTENSITIES mean (shared means: the lowest label)."""
-    means = np.array([dm.PHANTOM_INTENSITIES[k] for k in sorted(dm.PHANTOM_INTENSITIES)], np.float32)
-    return np.abs(np.asarray(x, np.float32)[..., None] - means).argmin(-1)
-
-
-class Reference:
-    """16 phantoms (seeds 20000..) to score samples against."""
-
-    def __init__(self, shape=SHAPE, n=16):
-        images = [dm.phantom(20_000 + i, shape)[0] for i in range(n)]
-        self.quantiles = np.quantile(np.concatenate([x.ravel() for x in images]), LEVELS)
-        self.labels = [nearest_mean_labels(x) for x in images]
-
-    def w1(self, x):
-        return float(np.abs(np.quantile(np.asarray(x).ravel(), LEVELS) - self.quantiles).mean())
-
-    def tdice(self, x):
-        s = nearest_mean_labels(x)
-
-        def dice(r):
-            return np.mean([2 * ((s == c) & (r == c)).sum() / max((s == c).sum() + (r == c).sum(), 1) for c in CLASSES])
-        return float(max(dice(r) for r in self.labels))
-
-    def recognisable(self, x):
-        return self.w1(x) <= 0.12 and self.tdice(x) >= 0.45
+Reference = PhantomScore  # the scores: notebooks/lab.py (the lessons show them too)
 
 
 def speed(shape, batch, steps):
@@ -99,7 +74,7 @@ def main():
                 rate = speed(shape, batch, args.speed_steps)
                 print(f"{'x'.join(map(str, shape)):12s}  {batch:5d}  {rate:7.3f}  {rate * batch:9.3f}", flush=True)
 
-    ref = Reference()
+    ref = Reference(SHAPE)
     noise = np.random.default_rng(0).standard_normal(SHAPE).clip(-1, 1)
     blur = np.mean([dm.phantom(20_000 + i, SHAPE)[0] for i in range(16)], 0)
     print("\npart 2 baselines (W1, tDice): " + ", ".join(

@@ -39,7 +39,7 @@ def test_every_command_has_help(capsys):
     for flag in ("--phantoms", "--resume", "--unet", "--minutes", "--list", "--mask", "--out-dir", "--synthetic"):
         assert flag in printed
     assert "<prediction>_model_seed<NNNN>.nii.gz" in printed      # sample --out-dir names its files
-    assert printed.count("48 56 48") >= 2                         # TEACHING_SHAPE: train's and demo's default size
+    assert printed.count("40 48 40") >= 2                         # TEACHING_SHAPE: train's and demo's default size
     out = subprocess.run([sys.executable, dm.__file__, "sample", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--prediction" in out and "--spacing" in out
     with pytest.raises(SystemExit) as exit_:
@@ -94,6 +94,27 @@ def test_sample_command_writes_nifti_and_png(tmp_path, tiny_weights, capsys):
     # same seed, same volume
     dm.main(["sample", "--weights", str(tiny_weights), "--steps", "3", "--shape", "16", "16", "8", "--out", str(tmp_path / "t.nii.gz")])
     assert np.array_equal(np.asarray(nib.load(tmp_path / "t.nii.gz").dataobj), data)
+
+
+def test_sample_weights_by_manifest_name(tmp_path, tiny_weights, monkeypatch, capsys):
+    """--weights teaching_x: a manifest name, served from the kit's weights/ folder (no network here)."""
+    kit = tmp_path / "kit"
+    (kit / "weights").mkdir(parents=True)
+    shutil.copy(tiny_weights, kit / "weights" / "teaching_x.safetensors")
+    sha = hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    write_manifest(kit / "data_manifest.csv", [dict(name="teaching_x", kind="weights", group="teaching", hash=f"sha256:{sha}",
+                                                    url="https://example.invalid/weights/teaching_x.safetensors")])
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(kit / "data_manifest.csv"))
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    args = ["sample", "--steps", "2", "--shape", "16", "16", "8"]
+    assert dm.main(args + ["--weights", "teaching_x", "--out", str(tmp_path / "a.nii.gz")]) == 0
+    assert dm.main(args + ["--weights", str(tiny_weights), "--out", str(tmp_path / "b.nii.gz")]) == 0
+    assert np.array_equal(nib.load(tmp_path / "a.nii.gz").get_fdata(), nib.load(tmp_path / "b.nii.gz").get_fdata())
+    capsys.readouterr()
+    assert dm.main(args + ["--weights", "teaching_y", "--out", str(tmp_path / "c.nii.gz")]) == 1
+    assert capsys.readouterr().err == ("error: --weights teaching_y: no such file or folder, and no weights of that "
+                                       "name in the manifest (those are: teaching_x)\n")
+    assert not (tmp_path / "c.nii.gz").exists() and not (tmp_path / "cache").exists()
 
 
 def test_sample_several_into_a_folder(tmp_path, tiny_weights):

@@ -22,9 +22,9 @@ def test_names_and_aliases():
         dm.canonical_prediction("score")
     assert dm.IMAGE_SHAPE == (192, 224, 192)
     assert dm.MEDFORJ_UNET["channels"] == (16, 32, 64, 128, 256)
-    # the teaching grid: IMAGE_SHAPE's field of view at 4 mm, phantom()'s default voxel there
-    assert dm.TEACHING_SHAPE == (48, 56, 48) == tuple(s // 4 for s in dm.IMAGE_SHAPE)
-    assert dm._phantom_voxel_mm(dm.TEACHING_SHAPE).tolist() == [4.0, 4.0, 4.0]
+    # the teaching grid: 224 mm / 48 voxels along the longest axis, phantom()'s default voxel there
+    assert dm.TEACHING_SHAPE == (40, 48, 40) and all(s % 4 == 0 for s in dm.TEACHING_SHAPE)  # TEACHING_UNET halves twice
+    np.testing.assert_allclose(dm._phantom_voxel_mm(dm.TEACHING_SHAPE), [224 / 48] * 3)
     np.testing.assert_array_equal(dm.LPS_AFFINE, np.diag([-1.0, -1.0, 1.0, 1.0]))
 
 

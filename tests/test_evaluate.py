@@ -354,13 +354,13 @@ def test_load_volume_table_reads_csvs_and_folders(tmp_path):
     t = dm.load_volume_table(tmp_path / "labels")
     assert t["subject"] == ["p10_labels.nii.gz", "p11_labels.nii.gz", "p12_labels.nii.gz"]
     assert set(t) == {"subject", "volumes"} and list(t["volumes"]) == list(dm.PHANTOM_LABELS.values())[1:]
-    for i, volumes in enumerate(truth):
-        assert {k: t["volumes"][k][i] for k in volumes} == pytest.approx(volumes, rel=1e-12)
+    for i, volumes in enumerate(truth):  # NIfTI stores the 224/48 mm voxel as float32: 3 axes x 6e-8 relative
+        assert {k: t["volumes"][k][i] for k in volumes} == pytest.approx(volumes, rel=3e-7)
     _, lab = dm.phantom(10, shape=dm.TEACHING_SHAPE)  # the same labels stored with 2 mm voxels: 1/8 the volume
     nib.save(nib.Nifti1Image(lab, phantom_affine(dm.TEACHING_SHAPE) @ np.diag([0.5, 0.5, 0.5, 1])),
              str(tmp_path / "coarse" / "p10_labels.nii.gz"))
     half = dm.load_volume_table(tmp_path / "coarse")
-    assert half["volumes"]["cortex"][0] == pytest.approx(truth[0]["cortex"] / 8, rel=1e-12)
+    assert half["volumes"]["cortex"][0] == pytest.approx(truth[0]["cortex"] / 8, rel=3e-7)
     truth = write_phantom_folder(tmp_path / "images", range(3))
     t = dm.load_volume_table(tmp_path / "images")
     assert t["subject"] == ["p00.nii.gz", "p01.nii.gz", "p02.nii.gz"]

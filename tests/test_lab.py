@@ -206,3 +206,45 @@ def test_widgets_redraw_on_their_controls(with_widgets):
     n.value, grid.value = 3, "leading"
     button.click()
     assert "flow: 3 leading steps" in drawn[-1].texts[0].get_text() and not button.disabled
+
+
+# --- Notebooks 03 and 04: phantom scores and the comparison paragraph -----------------------------
+
+
+def test_phantom_score_separates_phantoms_from_blur_and_noise():
+    """The benchmark's criterion at the teaching grid: an unseen real phantom is recognisable, the
+    blurred mean head (tDice ~0.36) and clipped noise are not; a phantom scores tDice 1 against
+    itself (a reference) and W1 0 against its own intensities."""
+    shape = dm.TEACHING_SHAPE
+    score = lab.PhantomScore(shape, n=4)
+    real = dm.phantom(30_000, shape)[0]
+    blur = np.mean([dm.phantom(20_000 + i, shape)[0] for i in range(4)], 0)
+    noise = np.random.default_rng(0).standard_normal(shape).clip(-1, 1).astype(np.float32)
+    assert score.recognisable(real) and not score.recognisable(blur) and not score.recognisable(noise)
+    assert score.tdice(dm.phantom(20_001, shape)[0]) == pytest.approx(1.0)
+    assert 0.45 < score.tdice(real) < 0.8 and score.tdice(blur) < 0.42 and score.tdice(noise) < 0.15
+    assert score.w1(noise) > 0.5 and score.w1(real) < 0.12
+    rows = score.table({"real": np.stack([real, real]), "noise": torch.from_numpy(noise)[None, None]})
+    assert [(r["model"], r["n"], r["recognisable"]) for r in rows] == [("real", 2, "2 of 2"), ("noise", 1, "0 of 1")]
+    assert float(rows[0]["tDice"]) == pytest.approx(score.tdice(real), abs=0.005)
+
+
+def _rows(set_name, ds, p_adj, sd=10.0):
+    return [{"set": set_name, "structure": f"s{i}", "cohen_d": d, "wasserstein": abs(d) * sd, "sd_real": sd,
+             "p_adjusted": p} for i, (d, p) in enumerate(zip(ds, p_adj))]
+
+
+def test_comparison_summary_ranks_sets_by_effect_size():
+    rows = (_rows("segmented", [0.1, -0.1, 0.0], [1, 1, 1]) + _rows("flow", [0.2, -0.3, 0.1], [1, 0.5, 1])
+            + _rows("sample", [1.5, -1.2, 0.9], [0.001, 0.01, 0.2]) + _rows("noise", [3.0, 2.0, -2.5], [0.001] * 3))
+    text = lab.comparison_summary(rows)
+    assert text.startswith("Closest to the truth: flow (mean |d| 0.20, W1 0.20 truth-SDs, 0 of 3 structures "
+                           "different at adjusted p < 0.05).")
+    assert "Farthest: noise (mean |d| 2.50, W1 2.50 truth-SDs, 3 of 3 structures" in text
+    assert "Order, closest first: flow, sample, noise." in text
+    assert "'segmented') gives mean |d| 0.07" in text
+    assert "Noise prediction (noise) ranks 3 of 3: it lags every other parameterization." in text
+    better_noise = _rows("flow", [1.0, 1.0, 1.0], [1] * 3) + _rows("noise", [0.5, 0.5, 0.5], [1] * 3)
+    assert "Noise prediction (noise) ranks 1 of 2: it does not lag" in lab.comparison_summary(better_noise)
+    with pytest.raises(ValueError, match="no set besides the baseline"):
+        lab.comparison_summary(_rows("segmented", [0.1], [1]))

@@ -253,6 +253,7 @@ def smoke_env(request, tmp_path, monkeypatch):
     """The kernel's environment for a smoke run; serves stand-in weights where the notebook fetches."""
     manifest = tmp_path / "data_manifest.csv"
     shutil.copyfile(ROOT / "data_manifest.csv", manifest)
+    (tmp_path / "weights").symlink_to(ROOT / "weights", target_is_directory=True)  # the shipped teaching models
     env = {
         "DDPM_MINI_SMOKE": "1",
         "DDPM_MINI_MANIFEST": str(manifest),

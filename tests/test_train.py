@@ -99,6 +99,8 @@ def test_resume_is_bit_identical(tmp_path, kind):
         rows = list(csv.reader(f))
     assert rows[0] == ["step", "loss"] and [float(r[1]) for r in rows[1:]] == straight.history
     assert not same(first.model, resumed.model)
+    seconds = [float(dm.load_model(r.checkpoint)[1]["seconds"]) for r in (first, resumed)]  # over both sittings
+    assert 0 < seconds[0] < seconds[1] and torch.load(resumed.checkpoint / "state.pt")["seconds"] == pytest.approx(seconds[1], abs=0.05)
 
 
 def test_checkpoint_contents(tmp_path):
@@ -111,6 +113,7 @@ def test_checkpoint_contents(tmp_path):
     assert meta["prediction"] == "velocity" and meta["step"] == "2" and meta["shape"] == [16, 16, 16]
     assert meta["unet"]["channels"] == [8, 16] and same(model, result.ema)
     assert meta["ema"] == "true" and meta["seed"] == "0" and meta["schedule"] == dm.DEFAULT_SCHEDULE.config()
+    assert (meta["batch_size"], meta["lr"], meta["ema_decay"]) == ("2", "0.0001", "0.999")  # how it was trained
     assert "ema" not in dm.load_model(ckpt / "model.safetensors")[1]
     state = torch.load(ckpt / "state.pt", weights_only=True)  # plain tensors and containers only
     assert state["step"] == 2 and state["data_position"] == 4 and state["world_size"] == 1
@@ -195,8 +198,8 @@ def test_resume_checks_the_prediction_and_the_process_count(tmp_path):
     with pytest.warns(UserWarning, match="comes from 2 process"):
         resumed = dm._restore(state_file.parent, model, ema, optimizer, scaler, "velocity", dm.DEFAULT_SCHEDULE, 0, 1)
     assert torch.equal(torch.get_rng_state(), before)
-    assert resumed[:2] == (2, 4) and len(resumed[2]) == 2
-    assert dm._restore(None, *[None] * 4, "velocity", dm.DEFAULT_SCHEDULE, 0, 1) == (0, 0, [])  # a fresh run
+    assert resumed[:2] == (2, 4) and len(resumed[2]) == 2 and resumed[3] > 0  # step, position, losses, seconds
+    assert dm._restore(None, *[None] * 4, "velocity", dm.DEFAULT_SCHEDULE, 0, 1) == (0, 0, [], 0.0)  # a fresh run
 
 
 def test_training_helpers():

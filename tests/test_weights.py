@@ -2,7 +2,10 @@
 the device choice, and fetching through Pooch from a loopback server or a mirror folder."""
 import hashlib
 import json
+import os
 import pathlib
+import shutil
+import stat
 import warnings
 
 import pytest
@@ -30,6 +33,23 @@ def test_save_and_load_round_trip_with_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
     with pytest.raises(ValueError, match=".safetensors"):
         dm.save_weights(model, tmp_path / "m.pt")
+
+
+def test_save_weights_in_half_precision(tmp_path):
+    """dtype=torch.float16 halves the file (the shipped teaching models); loading casts back to float32."""
+    model = randomize(dm.UNet(**TINY_UNET), seed=4)
+    full = dm.save_weights(model, tmp_path / "full.safetensors", prediction="flow")
+    half = dm.save_weights(model, tmp_path / "half.safetensors", dtype=torch.float16, prediction="flow")
+    state, _ = dm._read_state_dict(half)
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
+    loaded, meta = dm.load_model(half)
+    assert meta["prediction"] == "flow" and meta["unet"] == model.config
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(b, a.half().float())
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        dm.save_weights(model, tmp_path / "bad.safetensors", dtype=torch.int8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "half.safetensors"]
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "model.", "_orig_mod.", "module._orig_mod."])
@@ -131,6 +151,12 @@ def test_atomic_write_uses_a_fresh_temporary_beside_the_target(tmp_path):
     tmp = seen[0].name
     assert tmp.startswith(".v.nii.gz.") and tmp.endswith(".tmp.nii.gz")  # suffixes kept: writers pick the format
     assert seen[0] != seen[1]  # mkstemp: a new, unpredictable name each time
+    umask = os.umask(0o027)
+    try:                       # the permissions of a plain open(), not mkstemp's 0600
+        dm._atomic_write(target, write)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
     def fails(tmp):
         tmp.write_text("partial")
         raise RuntimeError("boom")
@@ -221,6 +247,23 @@ def test_fetch_right_hash_then_cache(assets):
     (root / "a.bin").unlink()  # served from the cache now
     assert dm.fetch("a") == path
     assert dm.fetch("b").name == "b.bin"  # query string dropped, md5 checked
+
+
+def test_fetch_prefers_the_bundled_copy(assets, tmp_path):
+    """A file shipped in weights/ beside the manifest (a checkout, an installed copy) is used, after its
+    hash is checked, without any download; without it the url is fetched (Colab)."""
+    root, base, cache = assets
+    bundled = tmp_path / "weights" / "a.bin"
+    bundled.parent.mkdir()
+    shutil.copy(root / "a.bin", bundled)
+    (root / "a.bin").rename(root / "a.away")           # the server no longer has it
+    assert dm.fetch("a").resolve() == bundled.resolve() and files_in(cache) == []
+    bundled.write_bytes(b"edited")
+    with pytest.raises(ValueError, match=r"a: the bundled file .*a\.bin does not match the manifest hash sha256:"):
+        dm.fetch("a")
+    bundled.unlink()
+    (root / "a.away").rename(root / "a.bin")
+    assert dm.fetch("a").parent == cache / "a"           # no bundled copy: downloaded
 
 
 def test_fetch_wrong_hash_leaves_nothing(assets):
