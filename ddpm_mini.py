@@ -94,9 +94,11 @@ def canonical_prediction(name: str) -> str:
 
 
 #: U-Net of the published MedForj models (41,245,217 parameters), for 192 x 224 x 192 volumes.
+#: norm_eps 1e-5: the GroupNorm eps of the MONAI fork the weights were trained and run with
+#: (MONAI core, and UNet's default, use 1e-6).
 MEDFORJ_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1,
                     channels=(16, 32, 64, 128, 256), attention_levels=(False, False, False, False, True),
-                    num_res_blocks=2, num_head_channels=8, norm_num_groups=8)
+                    num_res_blocks=2, num_head_channels=8, norm_num_groups=8, norm_eps=1e-5)
 
 #: U-Net for teaching on a CPU (1,802,481 parameters, 4% of MEDFORJ_UNET), for TEACHING_SHAPE
 #: phantoms: three levels, one ResBlock each, attention only at the bottom (10 x 12 x 10 tokens).
@@ -2478,46 +2480,73 @@ def _fetch_parser(sub):
 
 
 def _cmd_demo(args) -> int:
-    out, size = pathlib.Path(args.out), tuple(args.size)
-    print(f"demo: training TEACHING_UNET ({args.prediction}) on {size} phantoms for up to {args.minutes} min "
-          f"on {_device()} into {out} (run it again to train further)")
-    torch.manual_seed(args.seed)
-    result = train(UNet(**TEACHING_UNET), PhantomDataset(shape=size, seed=args.seed), args.prediction, args.steps,
-                   batch_size=args.batch_size, lr=args.lr, out=out, checkpoint_every=args.steps, resume=True,
-                   seed=args.seed, max_minutes=args.minutes)
-    print(f"trained {len(result.history)} steps; sampling {args.n} volumes ({args.sample_steps} DDIM steps)")
-    x = sample(result.ema, args.prediction, shape=(args.n, 1, *size), steps=args.sample_steps,
-               generator=torch.Generator().manual_seed(args.seed)).cpu()
-    volumes = []
-    for i, v in enumerate(x[:, 0]):
-        path = save_nifti(v, out / "samples" / f"demo_{i}.nii.gz")
-        save_slices_png(v, path.with_name(f"demo_{i}.png"), title=f"demo sample {i} ({args.prediction})")
-        volumes.append(phantom_volumes(segment_phantom(v.numpy())))
+    out, size, prediction = pathlib.Path(args.out), tuple(args.size), canonical_prediction(args.prediction)
+    if args.n < 1 or args.sample_steps < 1 or (args.minutes is not None and args.minutes <= 0):
+        raise ValueError("demo: --n and --sample-steps must be >= 1 and --minutes > 0")
+    models, shipped = {}, f"teaching_{prediction}"
+    if not args.pretrained:
+        print(f"demo: training TEACHING_UNET ({prediction}) on {size} phantoms for up to {args.minutes} min "
+              f"on {_device()} into {out} (run it again to train further)")
+        torch.manual_seed(args.seed)
+        result = train(UNet(**TEACHING_UNET), PhantomDataset(shape=size, seed=args.seed), prediction, args.steps,
+                       batch_size=args.batch_size, lr=args.lr, out=out, checkpoint_every=args.steps, resume=True,
+                       seed=args.seed, max_minutes=args.minutes)
+        models[f"yours ({len(result.history)} steps)"] = result.ema
+    try:
+        model, meta = load_model(fetch(shipped), _device())
+    except (OSError, ValueError) as err:  # offline without the kit's weights/ folder, say
+        if args.pretrained:
+            raise
+        print(f"(the shipped {shipped} model is not available: {err})")
+    else:
+        if tuple(meta["shape"]) == size:
+            models[f"shipped ({meta['step']} steps)"] = model
+        else:
+            print(f"(the shipped {shipped} model was trained at {tuple(meta['shape'])}, not {size}: not sampled)")
+    if not models:
+        raise ValueError(f"demo --pretrained: {shipped} was trained at another size; drop --size")
     truth = [phantom_volumes(phantom(10_000 + i, size)[1]) for i in range(8)]
-    print(f"wrote {args.n} samples (NIfTI + PNG) to {out / 'samples'}; tissue volumes (mL) by segment_phantom:")
+    columns = {"phantoms (8, truth)": truth}
+    for label, model in models.items():
+        tag = label.split()[0]
+        print(f"sampling {args.n} volumes from {label} ({args.sample_steps} DDIM steps)")
+        x = sample(model, prediction, shape=(args.n, 1, *size), steps=args.sample_steps,
+                   generator=torch.Generator().manual_seed(args.seed), progress=False).cpu()
+        columns[f"{label}: {args.n} samples"] = volumes = []
+        for i, v in enumerate(x[:, 0]):
+            path = save_nifti(v, out / "samples" / f"{tag}_{i}.nii.gz")
+            save_slices_png(v, path.with_name(f"{tag}_{i}.png"), title=f"{label}, sample {i} ({prediction})")
+            volumes.append(phantom_volumes(segment_phantom(v.numpy())))
+    print(f"wrote the samples (NIfTI + PNG) to {out / 'samples'}; tissue volumes (mL) by segment_phantom:")
     rows = []
     for name in list(PHANTOM_LABELS.values())[1:]:
-        t, s = (np.array([v[name] for v in vs]) / 1000 for vs in (truth, volumes))
-        rows.append({"structure": name, "phantoms (8, truth)": f"{t.mean():.1f} ± {t.std():.1f}",
-                     f"samples ({args.n})": f"{s.mean():.1f} ± {s.std():.1f}"})
+        row = {"structure": name}
+        for column, vs in columns.items():
+            v = np.array([t[name] for t in vs]) / 1000
+            row[column] = f"{v.mean():.1f} ± {v.std():.1f}"
+        rows.append(row)
     print(format_table(rows))
     return 0
 
 
 def _demo_parser(sub):
-    p = _subcommand(sub, "demo", "train a small model on phantoms for a few minutes (a CPU will do), sample, compare volumes")
+    p = _subcommand(sub, "demo", "train a small model on phantoms for a few minutes (a CPU will do), then sample it and "
+                    "the shipped teaching model from the same noise and compare tissue volumes with the truth")
     p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="no training: sample the shipped teaching model only (well-formed phantoms in about a minute)")
     p.add_argument("--prediction", default="flow", help="noise, sample, velocity or flow (default flow)")
-    p.add_argument("--n", type=int, default=4, help="samples to draw (default 4)")
+    p.add_argument("--n", type=int, default=4, help="samples per model (default 4)")
     p.add_argument("--out", default="demo", help="output folder (default ./demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     advanced = p.add_argument_group("advanced (tests, tuning)")
     advanced.add_argument("--size", type=int, nargs=3, default=TEACHING_SHAPE, metavar=("D", "H", "W"),
-                          help=f"phantom size (default {' '.join(map(str, TEACHING_SHAPE))}; multiples of 4)")
+                          help=f"phantom size (default {' '.join(map(str, TEACHING_SHAPE))}, the shipped models'; "
+                               "multiples of 4)")
     advanced.add_argument("--steps", type=int, default=100_000, help="training steps cap, over all runs (default 100000)")
     advanced.add_argument("--batch-size", type=int, default=2, help="volumes per step (default 2)")
-    advanced.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3: short runs)")
-    advanced.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sample (default 25)")
+    advanced.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, the teaching recipe)")
+    advanced.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per sample (default 20)")
 
 
 def _cmd_preprocess(args) -> int:

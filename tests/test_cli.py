@@ -222,25 +222,66 @@ def test_cli_train_resume_and_sample(tmp_path, capsys, monkeypatch):
     assert "neither ema.safetensors nor a complete checkpoint" in capsys.readouterr().err
 
 
-def test_cli_demo(tmp_path, capsys):
+@pytest.fixture
+def shipped_kit(tmp_path, monkeypatch):
+    """A manifest with a teaching_flow row whose file (random TINY_UNET weights trained "at" 16^3, step
+    7) sits in the kit's weights/ folder beside it: what a checkout ships, without the network."""
+    kit = tmp_path / "kit"
+    path = dm.save_weights(randomize(dm.UNet(**TINY_UNET), seed=5), kit / "weights" / "teaching_flow.safetensors",
+                           prediction="flow", shape=[16, 16, 16], step=7)
+    write_manifest(kit / "data_manifest.csv", [dict(name="teaching_flow", kind="weights", group="teaching",
+                                                    url="https://example.invalid/weights/teaching_flow.safetensors",
+                                                    hash="sha256:" + hashlib.sha256(path.read_bytes()).hexdigest())])
+    monkeypatch.setenv("DDPM_MINI_MANIFEST", str(kit / "data_manifest.csv"))
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    return path
+
+
+def _volume_table(printed):
+    table = [re.split(r"\s{2,}", line.strip()) for line in printed.splitlines() if " ± " in line or "structure" in line]
+    return table[0], {cells[0]: [c.split(" ± ") for c in cells[1:]] for cells in table[1:]}
+
+
+def test_cli_demo(tmp_path, shipped_kit, capsys):
+    """Trains, then samples its own model and the shipped one from the same noise; a table of tissue
+    volumes: the truth, then each model (mean ± sd over the samples)."""
     out = tmp_path / "demo"
     assert dm.main(["demo", "--minutes", "5", "--steps", "2", "--size", "16", "16", "16", "--n", "2",
                     "--sample-steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["demo_0.nii.gz", "demo_0.png", "demo_1.nii.gz", "demo_1.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        f"{who}_{i}.{ext}" for who in ("shipped", "yours") for i in (0, 1) for ext in ("nii.gz", "png")]
     assert dm.latest_checkpoint(out).name == "step_000002"
-    table = [re.split(r"\s{2,}", line.strip()) for line in printed.splitlines() if " ± " in line or "structure" in line]
-    assert table[0] == ["structure", "phantoms (8, truth)", "samples (2)"]  # format_table: right-aligned columns
-    rows = {cells[0]: " ".join(cells[1:]).split() for cells in table[1:]}
+    header, rows = _volume_table(printed)
+    assert header == ["structure", "phantoms (8, truth)", "yours (2 steps): 2 samples", "shipped (7 steps): 2 samples"]
     truth = [dm.phantom_volumes(dm.phantom(10_000 + i, (16, 16, 16))[1]) for i in range(8)]
     expected = np.mean([v["white_matter"] for v in truth]) / 1000
-    assert float(rows["white_matter"][0]) == pytest.approx(expected, abs=0.06)
+    assert float(rows["white_matter"][0][0]) == pytest.approx(expected, abs=0.06)
     assert "segment_phantom" in printed and len(rows) == len(dm.PHANTOM_LABELS) - 1
-    assert all(np.isfinite(float(v[3])) for v in rows.values())  # the samples' means
-    # running it again continues the same run
-    assert dm.main(["demo", "--steps", "3", "--size", "16", "16", "16", "--n", "1", "--sample-steps", "2",
+    assert all(np.isfinite(float(v)) for cells in rows.values() for cell in cells for v in cell)
+    # running it again continues the same run; at another size the shipped model is skipped, with a note
+    assert dm.main(["demo", "--steps", "3", "--size", "16", "16", "8", "--n", "1", "--sample-steps", "2",
+                    "--out", str(tmp_path / "demo8")]) == 0
+    printed = capsys.readouterr().out
+    assert "trained at (16, 16, 16), not (16, 16, 8): not sampled" in printed
+    assert _volume_table(printed)[0] == ["structure", "phantoms (8, truth)", "yours (3 steps): 1 samples"]
+
+
+def test_cli_demo_pretrained(tmp_path, shipped_kit, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    assert dm.main(["demo", "--pretrained", "--size", "16", "16", "16", "--n", "1", "--sample-steps", "2",
                     "--out", str(out)]) == 0
-    assert dm.latest_checkpoint(out).name == "step_000003"
+    assert _volume_table(capsys.readouterr().out)[0] == ["structure", "phantoms (8, truth)", "shipped (7 steps): 1 samples"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["shipped_0.nii.gz", "shipped_0.png"]
+    assert dm.latest_checkpoint(out) is None                          # nothing trained
+    for bad, message in ((["--size", "16", "16", "8"], "trained at another size; drop --size"),
+                         (["--n", "0"], "--n and --sample-steps must be >= 1")):
+        assert dm.main(["demo", "--pretrained", "--out", str(tmp_path / "bad"), *bad]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    shipped_kit.unlink()                                               # no weights/ copy and no network
+    monkeypatch.setenv("DDPM_MINI_MIRROR", str(tmp_path / "empty"))
+    assert dm.main(["demo", "--pretrained", "--size", "16", "16", "16", "--out", str(tmp_path / "off")]) == 1
+    assert "could not fetch 'teaching_flow'" in capsys.readouterr().err and not (tmp_path / "off").exists()
 
 
 # --- fetch ----------------------------------------------------------------------------------------

@@ -58,9 +58,27 @@ def test_output_matches_monai(kwargs, shapes, fast):
         with torch.inference_mode():
             a, b = ref(x, t), ours(x, t)
         rel = ((a - b).norm() / a.norm()).item()
-        assert rel < 1e-4, f"{shape}: relative difference {rel:.2e}"
+        assert rel < 1e-5, f"{shape}: relative difference {rel:.2e}"
         # and the items really differ (t is used per item)
         assert (b[0] - b[1]).abs().max() > 1e-3
+
+
+def test_medforj_unet_has_the_forks_groupnorm_eps():
+    """The published weights ran with GroupNorm eps 1e-5 (the MONAI fork's default), not MONAI core's
+    1e-6: every norm of UNet(**MEDFORJ_UNET) uses it, and on the same weights 1e-6 gives another
+    output (1.4e-3 relative on these random weights at 16^3, where the coarsest level is 1 voxel),
+    above the 1e-5 the MONAI comparison allows."""
+    ours, ref = pair(dm.MEDFORJ_UNET, seed=4)
+    norms = [m for m in ours.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 61 and {m.eps for m in norms} == {1e-5}
+    assert {m.eps for m in ref.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
+    core = dm.UNet(**dict(dm.MEDFORJ_UNET, norm_eps=1e-6)).eval()
+    core.load_state_dict(ours.state_dict())
+    x, t = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.inference_mode():
+        a, b = ours(x, t), core(x, t)
+    assert 1e-4 < ((a - b).norm() / a.norm()).item() < 1e-2
+    assert dm.UNet(**dm.TEACHING_UNET).config["norm_eps"] == 1e-6   # the kit's own models keep MONAI core's
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
