@@ -229,12 +229,16 @@ def target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, t, schedule=N
     return noise - x0  # flow
 
 
-def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule=None, clip: bool = True):
+def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule=None, clip: bool = True,
+              recompute_eps: bool = True):
     """Convert a network output u (B, ...) at x_t, t (>= 0) into (x0_hat, eps_hat).
 
     x0_hat follows the table above; with clip=True it is clipped to [-1, 1] and
     eps_hat = (x_t - alpha x0_hat) / sigma is taken from the clipped x0_hat, so the pair
     stays consistent: x_t = alpha x0_hat + sigma eps_hat (docs/math.md#conversions).
+    recompute_eps=False takes eps_hat from the unclipped x0 instead (the raw network output's
+    eps: u for noise, alpha u + sigma x_t for velocity, (x_t + alpha u) / (alpha + sigma) for
+    flow), as MONAI's older DDIMScheduler and the paper-era code did.
     """
     prediction = canonical_prediction(prediction)
     alpha, sigma = _schedule(schedule).alpha_sigma(t, x_t)
@@ -246,9 +250,10 @@ def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t, sched
         x0 = alpha * x_t - sigma * output
     else:  # flow
         x0 = (x_t - sigma * output) / (alpha + sigma)
+    raw_eps = None if recompute_eps else (x_t - alpha * x0) / sigma
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
-    return x0, (x_t - alpha * x0) / sigma
+    return x0, (x_t - alpha * x0) / sigma if raw_eps is None else raw_eps
 
 
 def x0_loss_weight(prediction: str, t, schedule=None) -> torch.Tensor:
@@ -715,7 +720,7 @@ def _autocast(device: torch.device, dtype):
 
 def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta: float = 0.0,
            spacing: str = "linspace", clip: bool = True, schedule=None, generator=None,
-           progress: bool = True, callback=None, dtype=None) -> torch.Tensor:
+           progress: bool = True, callback=None, dtype=None, recompute_eps: bool = True) -> torch.Tensor:
     """Generate volumes with DDIM from pure noise: returns float32 (B, C, *S) on the model's device.
 
     shape: (B, C, *S), default (1, model.in_channels, *IMAGE_SHAPE); or give `noise` (B, C, *S)
@@ -725,6 +730,8 @@ def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta:
     to_x0_eps(...) (clipped x0 when clip=True, so the result lies in [-1, 1]); x_{t_prev} =
     ddim_step(...). callback(i, t, x_t, x0_hat) is called after every step (x_t: the new state).
     dtype: None (float16 autocast on CUDA, float32 on CPU), "bfloat16" or "float32".
+    The defaults are the authors' current sampler; spacing="leading" with recompute_eps=False is
+    the paper-era one (MONAI's older DDIMScheduler; docs/math.md#samplers).
     """
     prediction, schedule = canonical_prediction(prediction), _schedule(schedule)
     if not eta >= 0:
@@ -743,7 +750,8 @@ def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta:
         with torch.inference_mode(), _autocast(device, dtype):
             for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"sampling ({prediction})", disable=not progress)):
                 tt = torch.full((x.shape[0],), t, dtype=torch.long)  # on the CPU: coefficients need no device sync
-                x0_hat, eps_hat = to_x0_eps(prediction, model(x, tt.to(device)).float(), x, tt, schedule, clip)
+                x0_hat, eps_hat = to_x0_eps(prediction, model(x, tt.to(device)).float(), x, tt, schedule, clip,
+                                            recompute_eps)
                 x = ddim_step(x0_hat, eps_hat, t_prev, eta, t, schedule, generator)
                 if callback is not None:
                     callback(i, t, x, x0_hat)
@@ -2336,6 +2344,8 @@ def _cmd_sample(args) -> int:
         model = load_pretrained(prediction, device)
     schedule = Schedule.from_config(meta["schedule"])
     shape = tuple(args.shape or meta.get("shape") or IMAGE_SHAPE)
+    if args.paper_era:
+        args.spacing = "leading"
     steps = timestep_pairs(args.steps, args.spacing, schedule)  # validate before any work
     outputs = ([pathlib.Path(args.out)] if args.n == 1 and not args.out_dir else
                [pathlib.Path(args.out_dir or ".") / f"{prediction}_model_seed{args.seed + i:04d}.nii.gz"
@@ -2344,7 +2354,7 @@ def _cmd_sample(args) -> int:
         if not path.name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"sample: the output must be a .nii or .nii.gz file, got {path}")
     print(f"sampling {len(outputs)} x {shape} with the {prediction} model on {device}, "
-          f"{len(steps)} {args.spacing} steps, eta {args.eta}")
+          f"{len(steps)} {args.spacing} steps, eta {args.eta}" + (", paper-era (raw eps)" if args.paper_era else ""))
     for i, path in enumerate(outputs):
         if i % world != rank:
             continue
@@ -2358,6 +2368,7 @@ def _cmd_sample(args) -> int:
                 print(f"first step: {first:.1f} s, so about {first * len(steps) / 60:.1f} min per sample", flush=True)
         x = sample(model, prediction, shape=(1, model.in_channels, *shape), steps=args.steps, eta=args.eta,
                    spacing=args.spacing, schedule=schedule, generator=torch.Generator().manual_seed(args.seed + i),
+                   recompute_eps=not args.paper_era,
                    callback=eta_after_first, dtype=args.dtype)
         save_nifti(x[0, 0], path)
         png = save_slices_png(x[0, 0], path.with_name(path.name.split(".nii")[0] + ".png"),
@@ -2388,7 +2399,11 @@ def _sample_parser(sub):
                    "a manifest name such as teaching_flow")
     p.add_argument("--steps", type=int, default=64, help="DDIM steps (default 64)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default)")
-    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep grid (default linspace)")
+    p.add_argument("--spacing", choices=SPACINGS, default="linspace",
+                   help="timestep grid (default linspace, the authors' current sampler)")
+    p.add_argument("--paper-era", action="store_true",
+                   help="the paper-era sampler: the leading grid and eps from the raw network output (MONAI's "
+                        "older DDIMScheduler); overrides --spacing")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
     p.add_argument("--out", default="sample.nii.gz", help="output file for a single sample")

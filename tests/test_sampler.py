@@ -23,8 +23,10 @@ class Toy(torch.nn.Module):
         return self.w * torch.tanh(x) * (1 - tt) + 0.3 * x * tt + 0.05
 
 
-def reference_ddim(model, prediction, noise, grid, eta=0.0, clip=True, z_generator=None, T=1000, beta_end=2e-2):
-    """x_s = alpha_s x0 + sqrt(sigma_s^2 - sigma_eta^2) eps + sigma_eta z, in float64 numpy."""
+def reference_ddim(model, prediction, noise, grid, eta=0.0, clip=True, z_generator=None, T=1000, beta_end=2e-2,
+                   raw_eps=False):
+    """x_s = alpha_s x0 + sqrt(sigma_s^2 - sigma_eta^2) eps + sigma_eta z, in float64 numpy. raw_eps: eps
+    from the raw output as MONAI's older DDIM wrote it per prediction, only x0 clipped."""
     abar = np.cumprod(1 - np.linspace(1e-4, beta_end, T))
     x = noise.double().numpy()
     for t, s in grid:
@@ -32,9 +34,11 @@ def reference_ddim(model, prediction, noise, grid, eta=0.0, clip=True, z_generat
         a, sg = np.sqrt(abar[t]), np.sqrt(1 - abar[t])
         x0 = {"noise": (x - sg * u) / a, "sample": u, "velocity": a * x - sg * u,
               "flow": (x - sg * u) / (a + sg)}[prediction]
+        raw = {"noise": u, "sample": (x - a * u) / sg, "velocity": a * u + sg * x,
+               "flow": (x + a * u) / (a + sg)}[prediction]
         if clip:
             x0 = np.clip(x0, -1, 1)
-        eps = (x - a * x0) / sg
+        eps = raw if raw_eps else (x - a * x0) / sg
         if s < 0:
             x = x0
             continue
@@ -94,6 +98,48 @@ def test_sampler_matches_reference_ddim(prediction, spacing, steps, clip):
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
     if clip:
         assert ours.abs().max() <= 1
+
+
+@pytest.mark.parametrize("prediction", dm.PREDICTIONS)
+@pytest.mark.parametrize("spacing", dm.SPACINGS)
+def test_paper_era_sampler_takes_eps_from_the_raw_output(prediction, spacing):
+    """recompute_eps=False: eps from the unclipped output (the per-prediction formulas of MONAI's older
+    DDIM), x0 clipped; it differs from the default where the clip bites (the Toy's x0 leaves [-1, 1])."""
+    model = Toy()
+    with torch.no_grad():
+        model.w.fill_(3.0)                                   # outputs up to 3: x0 often outside [-1, 1]
+    noise = torch.randn(2, 1, 4, 5, 6, generator=torch.Generator().manual_seed(9))
+    ours = dm.sample(model, prediction, noise=noise, steps=10, spacing=spacing, recompute_eps=False, progress=False)
+    ref = reference_ddim(model, prediction, noise, reference_grid(10, spacing), raw_eps=True)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=2e-5)
+    u, x_t, t = torch.full((1, 1, 2, 2, 2), 3.0), torch.full((1, 1, 2, 2, 2), 0.5), torch.tensor([500])
+    x0, eps = dm.to_x0_eps(prediction, u, x_t, t)                        # the clip bites for every prediction here
+    x0_raw_eps, raw_eps = dm.to_x0_eps(prediction, u, x_t, t, recompute_eps=False)
+    assert torch.equal(x0, x0_raw_eps) and x0.abs().max() == 1 and (eps - raw_eps).abs().min() > 0.1
+    unclipped = dm.sample(model, prediction, noise=noise, steps=10, spacing=spacing, clip=False, progress=False)
+    assert torch.allclose(dm.sample(model, prediction, noise=noise, steps=10, spacing=spacing, clip=False,
+                                    recompute_eps=False, progress=False), unclipped, atol=1e-5)  # same without a clip
+
+
+@pytest.mark.parametrize("prediction,monai_name", [("noise", "epsilon"), ("sample", "sample"), ("velocity", "v_prediction")])
+@pytest.mark.parametrize("steps", [10, 64])
+def test_paper_era_sampler_matches_monai_ddim_step(prediction, monai_name, steps):
+    """The paper-era mode against MONAI's DDIMScheduler.step (which keeps the raw eps and steps to t - T // n)
+    run on the leading grid, with a small random U-Net: equal to 1e-5."""
+    schedulers = pytest.importorskip("monai.networks.schedulers")
+    model = randomize(dm.UNet(**TINY_UNET), seed=6).eval()
+    noise = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    ddim = schedulers.DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=2e-2,
+                                    clip_sample=True, prediction_type=monai_name)
+    ddim.set_timesteps(steps)
+    ddim.timesteps = torch.arange(steps).flip(0) * (1000 // steps)   # the leading grid of the paper-era MONAI
+    x = noise.clone()
+    with torch.inference_mode():
+        for t in ddim.timesteps:
+            x, _ = ddim.step(model(x, torch.full((1,), int(t))), int(t), x)
+    ours = dm.sample(model, prediction, noise=noise, steps=steps, spacing="leading", recompute_eps=False, progress=False)
+    assert [t for t, _ in dm.timestep_pairs(steps, "leading")] == ddim.timesteps.tolist()
+    np.testing.assert_allclose(ours.numpy(), x.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prediction", dm.PREDICTIONS)
