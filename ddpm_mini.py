@@ -71,25 +71,29 @@ __version__ = "0.1.0"
 
 # === 2. Constants ====================================================================================
 
-#: The four things the U-Net can be trained to predict (section 4, docs/math.md#parameterizations).
+#: The four things the U-Net can be trained to predict under the variance-preserving schedule
+#: (section 4, docs/math.md#parameterizations): the paper's four models.
 PREDICTIONS = ("noise", "sample", "velocity", "flow")
+#: ... and the fifth published model, rectified flow (x0 - eps on its own straight-line schedule,
+#: RectifiedFlowSchedule; docs/math.md#rectified-flow).
+ALL_PREDICTIONS = PREDICTIONS + ("rflow",)
 
 _PREDICTION_ALIASES = {
     "noise": "noise", "epsilon": "noise", "eps": "noise",
     "sample": "sample", "x0": "sample", "clean": "sample",
     "velocity": "velocity", "v": "velocity", "v_prediction": "velocity",
-    "flow": "flow",
+    "flow": "flow", "rflow": "rflow", "rectified_flow": "rflow",
 }
 
 
 def canonical_prediction(name: str) -> str:
-    """Map a prediction name or alias (epsilon/eps, x0/clean, v/v_prediction; any case) to
-    one of PREDICTIONS; a ValueError lists the valid names otherwise."""
+    """Map a prediction name or alias (epsilon/eps, x0/clean, v/v_prediction, rectified_flow;
+    any case) to one of ALL_PREDICTIONS; a ValueError lists the valid names otherwise."""
     key = str(name).strip().lower()
     if key not in _PREDICTION_ALIASES:
         raise ValueError(
-            f"unknown prediction {name!r}: use one of {', '.join(PREDICTIONS)} "
-            f"(aliases: {', '.join(k for k in _PREDICTION_ALIASES if k not in PREDICTIONS)})")
+            f"unknown prediction {name!r}: use one of {', '.join(ALL_PREDICTIONS)} "
+            f"(aliases: {', '.join(k for k in _PREDICTION_ALIASES if k not in ALL_PREDICTIONS)})")
     return _PREDICTION_ALIASES[key]
 
 
@@ -127,8 +131,10 @@ class Schedule:
         alpha_t = sqrt(abar_t) (signal),  sigma_t = sqrt(1 - abar_t) (noise)
         x_t = alpha_t x0 + sigma_t eps
     t = -1 stands for "before the first step": alpha = 1, sigma = 0 (the sampler's final
-    landing). Tables are float64; values are cast to the data's dtype.
+    landing). Tables are float64; values are cast to the data's dtype. Timesteps are integers
+    (continuous = False); the sampler's grids are timestep_pairs'.
     """
+    continuous = False
 
     def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2):
         if T < 2 or not 0 < beta_start < beta_end < 1:
@@ -142,12 +148,14 @@ class Schedule:
         return {"T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end, "kind": "linear"}
 
     @classmethod
-    def from_config(cls, config: dict) -> "Schedule":
-        """The schedule a config() (e.g. a weights file's "schedule" metadata) describes."""
+    def from_config(cls, config: dict):
+        """The schedule a config() (e.g. a weights file's "schedule" metadata) describes: kind
+        "linear" (this class) or "rflow" (RectifiedFlowSchedule)."""
         config = dict(config)
-        if config.pop("kind", "linear") != "linear":
-            raise ValueError(f"unknown schedule kind in {config}: this kit has the linear schedule only")
-        return cls(**config)
+        kind = config.pop("kind", "linear")
+        if kind not in ("linear", "rflow"):
+            raise ValueError(f"unknown schedule kind {kind!r} in {config}: use 'linear' or 'rflow'")
+        return cls(**config) if kind == "linear" else RectifiedFlowSchedule(**config)
 
     def __eq__(self, other):
         return isinstance(other, Schedule) and self.config() == other.config()
@@ -185,14 +193,75 @@ class Schedule:
         alpha, sigma = self.alpha_sigma(t, x0)
         return alpha * x0 + sigma * noise
 
+    def draw_t(self, n: int, generator=None) -> torch.Tensor:
+        """Training timesteps: n integers uniform in 0..T-1, on the CPU."""
+        draw_on = generator.device if generator is not None else "cpu"
+        return torch.randint(0, self.T, (n,), generator=generator, device=draw_on).cpu()
 
-#: The schedule of the published models; a schedule argument of None means this one.
+
+class RectifiedFlowSchedule(Schedule):
+    """The straight-line process of the authors' rflow model (docs/math.md#rectified-flow):
+
+        alpha_t = 1 - t / T,  sigma_t = t / T,  x_t = alpha_t x0 + sigma_t eps,  t in [0, T] real
+    t = 0 is the clean end (the sampler's final landing), t = T pure noise. Timesteps are
+    floats (continuous = True); training draws t ~ Uniform[0, T).
+    """
+    continuous = True
+
+    def __init__(self, T: int = 1000):
+        if T < 2:
+            raise ValueError(f"RectifiedFlowSchedule needs T >= 2, got {T}")
+        self.T = int(T)
+
+    def config(self) -> dict:
+        return {"T": self.T, "kind": "rflow"}
+
+    def _check_t(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if t.dtype == torch.bool or not torch.isfinite(t.double()).all():
+            raise ValueError(f"rflow timesteps must be finite numbers in 0..{self.T}")
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > self.T):
+            raise ValueError(f"rflow timesteps must lie in 0..{self.T}, got {float(t.min())}..{float(t.max())}")
+        return t
+
+    def alpha_sigma(self, t, like: torch.Tensor | None = None):
+        """(1 - t/T, t/T) for real timesteps t (B,), shaped and cast like Schedule.alpha_sigma's."""
+        sigma = self._check_t(t).double().cpu() / self.T
+        alpha = 1.0 - sigma
+        if like is not None:
+            shape = (-1,) + (1,) * (like.ndim - 1)
+            alpha = alpha.reshape(shape).to(like.device, like.dtype)
+            sigma = sigma.reshape(shape).to(like.device, like.dtype)
+        return alpha, sigma
+
+    def draw_t(self, n: int, generator=None) -> torch.Tensor:
+        """Training timesteps: n floats uniform in [0, T), on the CPU."""
+        draw_on = generator.device if generator is not None else "cpu"
+        return (torch.rand((n,), generator=generator, device=draw_on) * self.T).cpu()
+
+
+#: The schedule of the published models; a schedule argument of None means this one (for rflow:
+#: RFLOW_SCHEDULE).
 DEFAULT_SCHEDULE = Schedule()
+#: The rflow model's schedule.
+RFLOW_SCHEDULE = RectifiedFlowSchedule()
 
 
-def _schedule(schedule) -> Schedule:
-    """Resolve a public function's schedule argument (None: DEFAULT_SCHEDULE) once, at the edge."""
-    return DEFAULT_SCHEDULE if schedule is None else schedule
+def default_schedule(prediction=None) -> Schedule:
+    """The schedule a prediction is trained and sampled with unless told: RFLOW_SCHEDULE for rflow,
+    DEFAULT_SCHEDULE otherwise."""
+    return RFLOW_SCHEDULE if prediction is not None and canonical_prediction(prediction) == "rflow" else DEFAULT_SCHEDULE
+
+
+def _schedule(schedule, prediction=None) -> Schedule:
+    """Resolve a public function's schedule argument once, at the edge: None gives
+    default_schedule(prediction); rflow and the straight-line schedule only go together."""
+    schedule = default_schedule(prediction) if schedule is None else schedule
+    if prediction is not None and (canonical_prediction(prediction) == "rflow") != schedule.continuous:
+        raise ValueError(f"the {canonical_prediction(prediction)} prediction needs "
+                         f"{'a RectifiedFlowSchedule' if schedule.continuous is False else 'a variance-preserving Schedule'}, "
+                         f"got {schedule.config()}")
+    return schedule
 
 
 def _randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -211,6 +280,10 @@ def _randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Ten
 #   | sample     | x0                   | u                                 | 1                               |
 #   | velocity   | alpha eps - sigma x0 | alpha x_t - sigma u               | 1 + SNR = 1 / sigma^2           |
 #   | flow       | eps - x0             | (x_t - sigma u) / (alpha + sigma) | (1 + sqrt(SNR))^2               |
+#   | rflow      | x0 - eps             | (x_t + sigma u) / (alpha + sigma) | (1 + sqrt(SNR))^2               |
+#
+# rflow runs on RectifiedFlowSchedule (alpha + sigma = 1), is not clipped when sampling, and
+# trains with an L1 loss at real t ~ U[0, T), as the authors' rectified-flow model did.
 #
 # The loss (target space) and the sampler (x0 space) both go through target() and
 # to_x0_eps(): one formula, one place.
@@ -219,21 +292,24 @@ def _randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Ten
 def target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, t, schedule=None) -> torch.Tensor:
     """The network's regression target u for x0, noise (B, ...) at timesteps t (B,)."""
     prediction = canonical_prediction(prediction)
-    alpha, sigma = _schedule(schedule).alpha_sigma(t, x0)
+    alpha, sigma = _schedule(schedule, prediction).alpha_sigma(t, x0)
     if prediction == "noise":
         return noise
     if prediction == "sample":
         return x0
     if prediction == "velocity":
         return alpha * noise - sigma * x0
+    if prediction == "rflow":
+        return x0 - noise
     return noise - x0  # flow
 
 
-def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule=None, clip: bool = True,
+def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule=None, clip=None,
               recompute_eps: bool = True):
     """Convert a network output u (B, ...) at x_t, t (>= 0) into (x0_hat, eps_hat).
 
-    x0_hat follows the table above; with clip=True it is clipped to [-1, 1] and
+    x0_hat follows the table above; with clip=True (None: True except for rflow, which the
+    authors do not clip) it is clipped to [-1, 1] and
     eps_hat = (x_t - alpha x0_hat) / sigma is taken from the clipped x0_hat, so the pair
     stays consistent: x_t = alpha x0_hat + sigma eps_hat (docs/math.md#conversions).
     recompute_eps=False takes eps_hat from the unclipped x0 instead (the raw network output's
@@ -241,13 +317,16 @@ def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t, sched
     flow), as MONAI's older DDIMScheduler and the paper-era code did.
     """
     prediction = canonical_prediction(prediction)
-    alpha, sigma = _schedule(schedule).alpha_sigma(t, x_t)
+    alpha, sigma = _schedule(schedule, prediction).alpha_sigma(t, x_t)
+    clip = prediction != "rflow" if clip is None else clip
     if prediction == "noise":
         x0 = (x_t - sigma * output) / alpha
     elif prediction == "sample":
         x0 = output
     elif prediction == "velocity":
         x0 = alpha * x_t - sigma * output
+    elif prediction == "rflow":
+        x0 = (x_t + sigma * output) / (alpha + sigma)
     else:  # flow
         x0 = (x_t - sigma * output) / (alpha + sigma)
     raw_eps = None if recompute_eps else (x_t - alpha * x0) / sigma
@@ -260,20 +339,22 @@ def x0_loss_weight(prediction: str, t, schedule=None) -> torch.Tensor:
     """w(t) such that |u_hat - u|^2 = w(t) |x0_hat - x0|^2 for this prediction: the weight its
     MSE implicitly puts on the x0 error. Returns (B,) float64."""
     prediction = canonical_prediction(prediction)
-    snr = _schedule(schedule).snr(t)
+    snr = _schedule(schedule, prediction).snr(t)
     return {"noise": snr, "sample": torch.ones_like(snr), "velocity": 1.0 + snr,
-            "flow": (1.0 + snr.sqrt()) ** 2}[prediction]
+            "flow": (1.0 + snr.sqrt()) ** 2, "rflow": (1.0 + snr.sqrt()) ** 2}[prediction]
 
 
 def diffusion_loss(model, x0: torch.Tensor, prediction: str, schedule=None, generator=None) -> torch.Tensor:
     """The training loss: mean((model(x_t, t) - u)^2) in the prediction's own target space,
-    t ~ Uniform{0..T-1} and eps ~ N(0, I) per item. x0: (B, C, *S) in [-1, 1]."""
-    schedule = _schedule(schedule)
-    draw_on = generator.device if generator is not None else x0.device
-    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=draw_on).cpu()  # (B,)
+    t ~ Uniform{0..T-1} and eps ~ N(0, I) per item. x0: (B, C, *S) in [-1, 1]. rflow: mean |.|
+    (L1) with real t ~ Uniform[0, T), as the authors trained it."""
+    prediction = canonical_prediction(prediction)
+    schedule = _schedule(schedule, prediction)
+    t = schedule.draw_t(x0.shape[0], generator)  # (B,) on the CPU
     noise = _randn(x0.shape, generator, x0.device, x0.dtype)
     x_t = schedule.add_noise(x0, noise, t)  # coefficients from the CPU copy of t: no device sync
-    return F.mse_loss(model(x_t, t.to(x0.device)).float(), target(prediction, x0, noise, t, schedule).float())
+    loss = F.l1_loss if prediction == "rflow" else F.mse_loss
+    return loss(model(x_t, t.to(x0.device)).float(), target(prediction, x0, noise, t, schedule).float())
 
 # === 5. The 3D U-Net =================================================================================
 
@@ -664,8 +745,18 @@ def timestep_pairs(steps: int, spacing: str = "linspace", schedule=None) -> list
         lands on the next listed timestep. Needs steps >= 2 (one step would start at t = 0).
     "leading" (MONAI's older DDIM, the paper-era code): arange(steps) * (T // steps);
         t_prev = t - T // steps, below 0 meaning -1.
+    A RectifiedFlowSchedule (rflow) has one grid of real timesteps, t_i = (1 - i / steps) T for
+    i = 0..steps-1, each step landing on the next and the last on t = 0 (the clean end).
     """
-    T = _schedule(schedule).T
+    schedule = _schedule(schedule)
+    T = schedule.T
+    if schedule.continuous:
+        if spacing != "linspace":
+            raise ValueError(f"the rflow schedule has one timestep grid; spacing {spacing!r} is for the VP schedule")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1 for the rflow grid, got {steps!r}")
+        ts = [T * (1 - i / steps) for i in range(steps + 1)]
+        return list(zip(ts[:-1], ts[1:]))
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
     lowest = 2 if spacing == "linspace" else 1
@@ -681,19 +772,21 @@ def timestep_pairs(steps: int, spacing: str = "linspace", schedule=None) -> list
 def ddim_step(x0_hat, eps_hat, t_prev: int, eta: float = 0.0, t: int | None = None, schedule=None, generator=None):
     """One DDIM update from t to s = t_prev given (x0_hat, eps_hat), each (B, ...) (docs/math.md#ddim-update).
 
-    eta = 0: x_s = alpha_s x0_hat + sigma_s eps_hat (s = -1 returns x0_hat).
-    eta > 0: sigma_eta^2 = eta^2 (sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2),
-             x_s = alpha_s x0_hat + sqrt(sigma_s^2 - sigma_eta^2) eps_hat + sigma_eta z.
+    eta = 0: x_s = alpha_s x0_hat + sigma_s eps_hat (s = -1, or rflow's s = 0, returns x0_hat).
+    eta > 0: sigma_eta^2 = eta^2 (sigma_s^2 / sigma_t^2) (sigma_t^2 - (alpha_t sigma_s / alpha_s)^2),
+             x_s = alpha_s x0_hat + sqrt(sigma_s^2 - sigma_eta^2) eps_hat + sigma_eta z
+    (for the VP schedule sigma_t^2 - (alpha_t sigma_s / alpha_s)^2 = 1 - alpha_t^2 / alpha_s^2).
     """
     schedule = _schedule(schedule)
-    if t_prev < 0:
+    if t_prev < 0 or (schedule.continuous and t_prev == 0):
         return x0_hat
-    s = torch.full((x0_hat.shape[0],), t_prev, dtype=torch.long)
+    dtype = torch.float64 if schedule.continuous else torch.long
+    s = torch.full((x0_hat.shape[0],), t_prev, dtype=dtype)
     a_s, s_s = schedule.alpha_sigma(s, x0_hat)
     if eta == 0:
         return a_s * x0_hat + s_s * eps_hat
     a_t, s_t = schedule.alpha_sigma(torch.full_like(s, t), x0_hat)
-    var = eta**2 * (s_s**2 / s_t**2) * (1 - a_t**2 / a_s**2)
+    var = eta**2 * (s_s**2 / s_t**2) * (s_t**2 - (a_t * s_s / a_s) ** 2)
     z = _randn(x0_hat.shape, generator, x0_hat.device, x0_hat.dtype)
     return a_s * x0_hat + (s_s**2 - var).clamp(min=0).sqrt() * eps_hat + var.sqrt() * z
 
@@ -719,7 +812,7 @@ def _autocast(device: torch.device, dtype):
 
 
 def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta: float = 0.0,
-           spacing: str = "linspace", clip: bool = True, schedule=None, generator=None,
+           spacing: str = "linspace", clip=None, schedule=None, generator=None,
            progress: bool = True, callback=None, dtype=None, recompute_eps: bool = True) -> torch.Tensor:
     """Generate volumes with DDIM from pure noise: returns float32 (B, C, *S) on the model's device.
 
@@ -727,13 +820,15 @@ def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta:
     itself (same noise -> same output). generator: a torch.Generator for the starting noise and,
     with eta > 0, the per-step noise (drawn on the generator's device, so a CPU generator gives
     the same draws for a CUDA model). Each step: u = model(x_t, t); (x0_hat, eps_hat) =
-    to_x0_eps(...) (clipped x0 when clip=True, so the result lies in [-1, 1]); x_{t_prev} =
+    to_x0_eps(...) (clipped x0 when clip=True, so the result lies in [-1, 1]; None: clipped except
+    for rflow, as the authors sample); x_{t_prev} =
     ddim_step(...). callback(i, t, x_t, x0_hat) is called after every step (x_t: the new state).
     dtype: None (float16 autocast on CUDA, float32 on CPU), "bfloat16" or "float32".
     The defaults are the authors' current sampler; spacing="leading" with recompute_eps=False is
     the paper-era one (MONAI's older DDIMScheduler; docs/math.md#samplers).
     """
-    prediction, schedule = canonical_prediction(prediction), _schedule(schedule)
+    prediction = canonical_prediction(prediction)
+    schedule = _schedule(schedule, prediction)
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     pairs = timestep_pairs(steps, spacing, schedule)
@@ -749,7 +844,7 @@ def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta:
     try:
         with torch.inference_mode(), _autocast(device, dtype):
             for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"sampling ({prediction})", disable=not progress)):
-                tt = torch.full((x.shape[0],), t, dtype=torch.long)  # on the CPU: coefficients need no device sync
+                tt = torch.full((x.shape[0],), t, dtype=torch.float32 if schedule.continuous else torch.long)  # on the CPU
                 x0_hat, eps_hat = to_x0_eps(prediction, model(x, tt.to(device)).float(), x, tt, schedule, clip,
                                             recompute_eps)
                 x = ddim_step(x0_hat, eps_hat, t_prev, eta, t, schedule, generator)
@@ -801,7 +896,7 @@ def save_weights(model: nn.Module, path, schedule=None, dtype=None, **metadata) 
     if "prediction" in metadata:
         metadata["prediction"] = canonical_prediction(metadata["prediction"])
     meta = {"format": "ddpm-mini", "version": __version__, **({"unet": model.config} if hasattr(model, "config") else {}),
-            "schedule": _schedule(schedule).config(), **metadata}
+            "schedule": _schedule(schedule, metadata.get("prediction")).config(), **metadata}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     state = {k: v.detach().cpu().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
@@ -872,12 +967,13 @@ def load_model(path, device=None) -> tuple:
     """Build a UNet from a weights file's metadata and load it strictly: returns (model in eval
     mode, metadata with "unet" and "schedule" decoded). path: a weights file, or a training run
     or checkpoint folder (its EMA weights, see weights_file). Files without a "unet" entry (such
-    as the published MedForj files) get MEDFORJ_UNET; without a "schedule", DEFAULT_SCHEDULE's."""
+    as the published MedForj files) get MEDFORJ_UNET; without a "schedule", that of
+    default_schedule(the file's prediction, if it names one)."""
     path = weights_file(path)
     state, metadata = _read_state_dict(path)
     meta = {k: (json.loads(v) if k in ("unet", "schedule", "shape") and isinstance(v, str) else v)
             for k, v in metadata.items()}
-    meta.setdefault("schedule", DEFAULT_SCHEDULE.config())
+    meta.setdefault("schedule", default_schedule(meta.get("prediction")).config())
     model = UNet(**meta.get("unet", MEDFORJ_UNET))
     _load_state(model, state, path.name)
     return model.to(_device(device)).eval(), meta
@@ -1449,7 +1545,8 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     checkpoint in out, bit-identical on a CPU. max_minutes stops early, with a checkpoint. Under
     torchrun: DistributedDataParallel, own data and noise per rank, rank 0 writes.
     """
-    prediction, schedule, device = canonical_prediction(prediction), _schedule(schedule), _device(device)
+    prediction, device = canonical_prediction(prediction), _device(device)
+    schedule = _schedule(schedule, prediction)
     if steps < 1 or batch_size < 1 or keep < 1 or checkpoint_every < 1:
         raise ValueError(f"train: steps, batch_size, keep and checkpoint_every must be >= 1, got "
                          f"{steps}, {batch_size}, {keep}, {checkpoint_every}")
@@ -2340,9 +2437,10 @@ def _cmd_sample(args) -> int:
     else:
         if not args.prediction:
             raise ValueError("sample: give --prediction (pretrained MedForj) or --weights FILE")
-        prediction, meta = canonical_prediction(args.prediction), {"schedule": DEFAULT_SCHEDULE.config()}
+        prediction, meta = canonical_prediction(args.prediction), {"schedule": default_schedule(args.prediction).config()}
         model = load_pretrained(prediction, device)
-    schedule = Schedule.from_config(meta["schedule"])
+    # a file that names its prediction names its schedule too; the published files name neither
+    schedule = Schedule.from_config(meta["schedule"]) if meta.get("prediction") else default_schedule(prediction)
     shape = tuple(args.shape or meta.get("shape") or IMAGE_SHAPE)
     if args.paper_era:
         args.spacing = "leading"
@@ -2392,7 +2490,7 @@ def _weights_source(value: str):
 def _sample_parser(sub):
     p = _subcommand(sub, "sample", "generate volumes with DDIM (NIfTI, LPS, 1 mm, uint16, + a PNG of three slices); "
                        "under torchrun, sample i is made by rank (i mod WORLD_SIZE)")
-    p.add_argument("--prediction", help=f"pretrained MedForj model to fetch ({', '.join(PREDICTIONS)}; aliases accepted),"
+    p.add_argument("--prediction", help=f"pretrained MedForj model to fetch ({', '.join(ALL_PREDICTIONS)}; aliases accepted),"
                    " or the prediction of --weights if its metadata lacks it")
     p.add_argument("--weights", help="a .safetensors/.pt file instead of the pretrained model (ddpm-mini metadata gives its "
                    "U-Net, schedule and training size), a train output or checkpoint folder (its EMA weights), or "
@@ -2426,7 +2524,7 @@ def _cmd_train(args) -> int:
     ckpt = latest_checkpoint(out) if args.resume else None
     torch.manual_seed(args.seed)  # the U-Net's initial weights
     meta = load_model(ckpt, "cpu")[1] if ckpt else {"unet": {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}[args.unet],
-                                                     "schedule": DEFAULT_SCHEDULE.config()}
+                                                     "schedule": default_schedule(args.prediction).config()}
     model = UNet(**meta["unet"], gradient_checkpointing=args.gradient_checkpointing)
     print(f"training a {'resumed' if ckpt else args.unet} U-Net ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters) for {args.prediction} into {out}" + (f", from {ckpt.name}" if ckpt else ""))
@@ -2447,7 +2545,7 @@ def _train_parser(sub):
     source = p.add_mutually_exclusive_group()
     source.add_argument("--phantoms", action="store_true", help="endless synthetic phantoms (phantom(seed + i))")
     source.add_argument("--data", metavar="DIR", help="a folder of preprocessed NIfTI volumes (see preprocess)")
-    p.add_argument("--prediction", required=True, help=f"what the U-Net predicts: {', '.join(PREDICTIONS)}")
+    p.add_argument("--prediction", required=True, help=f"what the U-Net predicts: {', '.join(ALL_PREDICTIONS)}")
     p.add_argument("--size", type=int, nargs=3, metavar=("D", "H", "W"),
                    help=f"volume size (phantoms default {' '.join(map(str, TEACHING_SHAPE))}; --data default: the files' own)")
     p.add_argument("--augment", action="store_true", help="with --data: random flip and small affine (augment)")

@@ -41,9 +41,10 @@ def _image(x) -> np.ndarray:
     return a
 
 
-def _resolve(schedule):
-    """The schedule to use: the given one, else the kit's default (T = 1000, linear betas)."""
-    return dm.Schedule() if schedule is None else schedule
+def _resolve(schedule, prediction=None):
+    """The schedule to use: the given one, else the prediction's default (dm.default_schedule:
+    T = 1000 linear betas; the straight line for rflow)."""
+    return dm.default_schedule(prediction) if schedule is None else schedule
 
 
 def show_images(images: dict, vmin=-1.0, vmax=1.0, title=None, fig=None):
@@ -68,12 +69,13 @@ def show_images(images: dict, vmin=-1.0, vmax=1.0, title=None, fig=None):
 # --- Notebook 01: the parameterizations over t, measured errors ---------------------------------
 
 
-def plot_parameterizations(schedule=None, predictions=dm.PREDICTIONS, fig=None):
+def plot_parameterizations(schedule=None, predictions=dm.ALL_PREDICTIONS, fig=None):
     """What each prediction regresses, over t = 0..T-1: three panels.
 
     Every target is linear in (x0, eps): u = a(t) x0 + b(t) eps. Panel 1 plots a(t), panel 2
     b(t) (both read off dm.target itself with x0 = 1, eps = 0 and the reverse), panel 3 the
     weight w(t) the prediction's MSE puts on the x0 error (dm.x0_loss_weight), log scale.
+    rflow is drawn on its own straight-line schedule (dashed), the others on `schedule`.
     Returns the matplotlib Figure (1 x 3).
     """
     T = _resolve(schedule).T
@@ -82,9 +84,10 @@ def plot_parameterizations(schedule=None, predictions=dm.PREDICTIONS, fig=None):
     fig = _new_figure(fig, (13, 3.6))
     axes = fig.subplots(1, 3)
     for p in predictions:
-        axes[0].plot(t, dm.target(p, one, zero, t, schedule)[:, 0], label=p)
-        axes[1].plot(t, dm.target(p, zero, one, t, schedule)[:, 0], label=p)
-        axes[2].semilogy(t, dm.x0_loss_weight(p, t, schedule), label=p)
+        own, style = (None, "--") if dm.canonical_prediction(p) == "rflow" else (schedule, "-")
+        axes[0].plot(t, dm.target(p, one, zero, t, own)[:, 0], style, label=p)
+        axes[1].plot(t, dm.target(p, zero, one, t, own)[:, 0], style, label=p)
+        axes[2].semilogy(t[1:], dm.x0_loss_weight(p, t, own)[1:], style, label=p)  # rflow's w(0) is infinite
     for ax, name in zip(axes, ("a(t): weight of x0 in the target", "b(t): weight of eps in the target",
                                "w(t): implied weight on |x0_hat - x0|^2")):
         ax.set_title(name, fontsize=10)
@@ -153,7 +156,7 @@ def x0_error_by_t(model, prediction: str, x0, timesteps, seed: int = 0, clip: bo
     model(x_t, t), x0_hat = dm.to_x0_eps(prediction, u, x_t, t, clip=clip)[0], and the entry is
     mean((x0_hat - x0)^2). clip=False (default) shows the raw conversion; the sampler clips.
     """
-    noising = _resolve(schedule)
+    noising = _resolve(schedule, prediction)
     device = next(model.parameters()).device
     x0 = torch.as_tensor(x0, dtype=torch.float32).cpu()
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -321,6 +324,7 @@ def sampling_panel(models: dict, noise, steps: int = 64, eta: float = 0.0, spaci
     the widget; without widgets, the Figure of that one sample.
     """
     def run(pred, n, e, grid, fig=None):
+        grid = "linspace" if dm.canonical_prediction(pred) == "rflow" else grid  # rflow has one grid
         with measure(next(models[pred].parameters()).device) as cost:
             x = dm.sample(models[pred], pred, noise=noise, steps=n, eta=e, spacing=grid, progress=False)
         return dm.show_slices(x[0, 0], title=f"{pred}: {n} {grid} steps, eta {e:g}: "

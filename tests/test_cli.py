@@ -196,6 +196,27 @@ def test_readme_sample_command_fetches_the_pretrained_model(tmp_path, http_serve
     assert "with the flow model on cpu" in capsys.readouterr().out
 
 
+def test_sample_the_pretrained_rflow_model(tmp_path, http_server, standin_weights, monkeypatch, capsys):
+    """`sample --prediction rflow`: the fifth published model (stand-in weights on a loopback mirror), sampled on
+    its straight-line schedule and real-t grid, unclipped: the same volume as dm.sample with load_pretrained."""
+    root, base = http_server
+    shutil.copyfile(standin_weights, root / "MedForj-weights-rflow_ema.safetensors")
+    monkeypatch.delenv("DDPM_MINI_MANIFEST", raising=False)
+    monkeypatch.setenv("DDPM_MINI_MIRROR", base)
+    monkeypatch.setenv("DDPM_MINI_CACHE", str(tmp_path / "cache"))
+    dm._WARNED_UNVERIFIED.add("medforj_rflow")
+    out = tmp_path / "rflow.nii.gz"
+    assert dm.main(["sample", "--prediction", "rflow", "--steps", "2", "--shape", "16", "16", "16", "--device", "cpu",
+                    "--out", str(out)]) == 0
+    assert "with the rflow model on cpu, 2 linspace steps" in capsys.readouterr().out
+    x = dm.sample(dm.load_pretrained("rflow", "cpu"), "rflow", shape=(1, 1, 16, 16, 16), steps=2,
+                  generator=torch.Generator().manual_seed(0), progress=False)
+    assert np.array_equal(np.asarray(nib.load(out).dataobj), dm.to_uint16(dm.normalize_intensity(x[0, 0])))
+    assert dm.main(["sample", "--prediction", "rflow", "--paper-era", "--shape", "16", "16", "16",
+                    "--out", str(tmp_path / "no.nii.gz")]) == 1
+    assert "one timestep grid" in capsys.readouterr().err and not (tmp_path / "no.nii.gz").exists()
+
+
 # --- train and demo -------------------------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ def test_schedule_config_equality_and_default():
     config = short.config()
     config["T"] = 7
     assert short.T == 500  # config() is a copy
-    with pytest.raises(ValueError, match="linear schedule only"):
+    with pytest.raises(ValueError, match="unknown schedule kind 'cosine'.*use 'linear' or 'rflow'"):
         dm.Schedule.from_config(dict(short.config(), kind="cosine"))
     for bad in (dict(T=1), dict(beta_start=0.0), dict(beta_start=0.03, beta_end=0.02), dict(beta_end=1.0)):
         with pytest.raises(ValueError, match="T >= 2"):
@@ -185,3 +185,83 @@ def test_diffusion_loss_is_the_target_space_mse(prediction, T):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --- rflow: the rectified-flow model, from its equations (docs/math.md#rectified-flow) ------------
+
+
+def test_rectified_flow_schedule():
+    """alpha = 1 - t/T, sigma = t/T for real t in [0, T]; training draws t ~ U[0, T); its config round-trips;
+    rflow and the straight line go together, the VP predictions and the VP schedule likewise."""
+    s = dm.RFLOW_SCHEDULE
+    t = torch.tensor([0.0, 250.5, 999.9, 1000.0])
+    alpha, sigma = s.alpha_sigma(t)
+    np.testing.assert_allclose(alpha.numpy(), 1 - t.double().numpy() / 1000, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), t.double().numpy() / 1000, rtol=0, atol=1e-12)
+    x0, eps = torch.randn(4, 1, 3, 3, 3), torch.randn(4, 1, 3, 3, 3)
+    w = (t / 1000).reshape(-1, 1, 1, 1, 1)
+    assert torch.allclose(s.add_noise(x0, eps, t), (1 - w) * x0 + w * eps, atol=1e-6)
+    assert s.config() == {"T": 1000, "kind": "rflow"} and dm.Schedule.from_config(s.config()) == s != dm.DEFAULT_SCHEDULE
+    for bad in (-0.5, 1000.5, float("nan")):
+        with pytest.raises(ValueError, match="rflow timesteps must"):
+            s.alpha_sigma(torch.tensor([bad]))
+    draws = s.draw_t(20_000, torch.Generator().manual_seed(0))
+    assert draws.dtype == torch.float32 and 0 <= draws.min() and draws.max() < 1000 and abs(draws.mean() - 500) < 6
+    assert len(torch.unique(draws)) > 19_000                                   # real, not integer, timesteps
+    assert dm.DEFAULT_SCHEDULE.draw_t(5, torch.Generator().manual_seed(0)).dtype == torch.long
+    assert dm.default_schedule("rectified_flow") is s and dm.default_schedule("v") is dm.DEFAULT_SCHEDULE
+    with pytest.raises(ValueError, match="the rflow prediction needs a RectifiedFlowSchedule"):
+        dm.target("rflow", x0, eps, torch.tensor([5] * 4), dm.DEFAULT_SCHEDULE)
+    with pytest.raises(ValueError, match="the flow prediction needs a variance-preserving Schedule"):
+        dm.target("flow", x0, eps, t, s)
+
+
+def test_rflow_target_conversion_and_weight():
+    """u = x0 - eps; x0_hat = (x_t + sigma u) / (alpha + sigma) exactly, not clipped by default (the authors'
+    rflow is not); eps back from it; the x0-error weight is 1 / sigma^2 = (1 + sqrt(SNR))^2."""
+    g = torch.Generator().manual_seed(3)
+    x0, eps = 1.5 * torch.randn(3, 1, 4, 4, 4, generator=g), torch.randn(3, 1, 4, 4, 4, generator=g)
+    t = torch.tensor([10.0, 500.0, 990.0])
+    w = (t / 1000).reshape(-1, 1, 1, 1, 1)
+    x_t = (1 - w) * x0 + w * eps
+    u = dm.target("rflow", x0, eps, t)
+    assert torch.allclose(u, x0 - eps)
+    x0_hat, eps_hat = dm.to_x0_eps("rflow", u, x_t, t)
+    assert torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-4)
+    assert x0_hat.abs().max() > 1                                               # no clip unless asked
+    assert dm.to_x0_eps("rflow", u, x_t, t, clip=True)[0].abs().max() == 1
+    delta = 0.01 * torch.randn(u.shape, generator=g)                            # an output error ...
+    err = dm.to_x0_eps("rflow", u + delta, x_t, t)[0] - x0_hat                  # ... and the x0 error it makes
+    ratio = (delta ** 2).flatten(1).sum(1) / (err ** 2).flatten(1).sum(1)
+    np.testing.assert_allclose(ratio.numpy(), dm.x0_loss_weight("rflow", t).numpy(), rtol=1e-3)
+    np.testing.assert_allclose(dm.x0_loss_weight("rflow", t).numpy(), (1000 / t.double()).numpy() ** 2, rtol=1e-9)
+
+
+class _Recorder(torch.nn.Module):
+    """out = 0.5 x + t / 1000, remembering the timesteps it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.seen = torch.nn.Parameter(torch.tensor(0.5)), []
+
+    def forward(self, x, t):
+        self.seen.append(t.clone())
+        return self.p * x + (t.float() / 1000).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def test_rflow_loss_is_l1_at_real_timesteps():
+    """diffusion_loss('rflow') = mean |model(x_t, t) - (x0 - eps)| with t ~ U[0, T) real, drawn before eps
+    from the same generator; the model receives those real t."""
+    x0 = torch.rand(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model = _Recorder()
+    loss = dm.diffusion_loss(model, x0, "rflow", generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = torch.rand(2, generator=g) * 1000
+    eps = torch.randn(x0.shape, generator=g)
+    w = (t.double() / 1000).float().reshape(-1, 1, 1, 1, 1)
+    x_t = (1 - w) * x0 + w * eps
+    expected = (0.5 * x_t + (t / 1000).reshape(-1, 1, 1, 1, 1) - (x0 - eps)).abs().mean()
+    assert torch.allclose(model.seen[0], t) and model.seen[0].dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    mse = dm.diffusion_loss(model, x0, "flow", generator=torch.Generator().manual_seed(7))
+    assert model.seen[1].dtype == torch.long and mse.item() != pytest.approx(loss.item(), rel=1e-2)

@@ -49,8 +49,8 @@ def test_manifest_validates():
     assert len(groups[("ds000001", "volume")]) == 16
     assert len(groups[("ds000228_adults", "volume")]) == 33
     assert len(groups[("medforj_training", "source")]) == 38
-    assert sorted(groups[("medforj", "weights")]) == sorted(f"medforj_{p}" for p in dm.PREDICTIONS + ("rflow",))
-    assert "not supported" in next(r for r in rows if r["name"] == "medforj_rflow")["description"].lower()
+    assert sorted(groups[("medforj", "weights")]) == sorted(f"medforj_{p}" for p in dm.ALL_PREDICTIONS)
+    assert "rectified flow" in next(r for r in rows if r["name"] == "medforj_rflow")["description"].lower()
     assert all(r["hash"] == "" and r["verified"] == "false" for r in rows if r["group"] == "medforj")
     # the paper's totals: 38 datasets, 42,506 subjects, 80,675 volumes; requirements spelled out
     counts = [re.search(r"([\d,]+) subjects, ([\d,]+) T1w volumes", r["description"]).groups()

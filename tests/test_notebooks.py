@@ -27,7 +27,7 @@ NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["00_quickstart", "01_parameterizations", "02_sampling", "03_training", "04_evaluation"]
 CELL_TIMEOUT = 300          # seconds per cell (nbclient)
 FETCHES = {"00_quickstart", "02_sampling"}   # notebooks that download the MedForj weights
-STANDIN_NAMES = [f"MedForj-weights-{tag}_ema.safetensors" for tag in ("clean", "velocity", "flow", "noise")]
+STANDIN_NAMES = [f"MedForj-weights-{tag}_ema.safetensors" for tag in ("clean", "velocity", "flow", "rflow", "noise")]
 MAX_FUNCTION_LINES = 6      # "no function in a notebook longer than a few lines"
 
 

@@ -237,3 +237,74 @@ def test_unet_under_autocast_tracks_float32(grad):
     assert low.dtype == torch.bfloat16 and low.requires_grad == grad
     rel = ((low.float() - ref).norm() / ref.norm()).item()
     assert 1e-4 < rel < 0.02, rel  # reduced precision did run, and tracks float32
+
+
+# --- rflow -----------------------------------------------------------------------------------------
+
+
+def reference_rflow(model, noise, steps, eta=0.0, z_generator=None, T=1000):
+    """The authors' rflow sampler from its equations, float64 numpy: t_i = (1 - i/N) T, i = 0..N-1, each step
+    to the next, the last to t = 0 (x0_hat); alpha = 1 - t/T, sigma = t/T; x0 = (x_t + sigma u) / (alpha + sigma)
+    unclipped; eps = (x_t - alpha x0) / sigma; eta > 0: sigma_eta^2 = eta^2 (s_s^2 / s_t^2)(s_t^2 - (a_t s_s / a_s)^2)."""
+    x = noise.double().numpy()
+    ts = [T * (1 - i / steps) for i in range(steps)] + [0.0]
+    for t, s in zip(ts[:-1], ts[1:]):
+        u = model(torch.from_numpy(x).float(), torch.full((x.shape[0],), t, dtype=torch.float32)).double().detach().numpy()
+        a, sg = 1 - t / T, t / T
+        x0 = (x + sg * u) / (a + sg)
+        eps = (x - a * x0) / sg
+        if s == 0:
+            x = x0
+            continue
+        a_s, s_s = 1 - s / T, s / T
+        var = eta**2 * (s_s**2 / sg**2) * (sg**2 - (a * s_s / a_s) ** 2)
+        x = a_s * x0 + np.sqrt(max(s_s**2 - var, 0)) * eps
+        if eta > 0:
+            x = x + np.sqrt(var) * torch.randn(x.shape, generator=z_generator).double().numpy()
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 5, 64])
+def test_rflow_sampler_matches_reference(steps):
+    model = Toy()
+    with torch.no_grad():
+        model.w.fill_(3.0)
+    noise = torch.randn(2, 1, 4, 5, 6, generator=torch.Generator().manual_seed(4))
+    ours = dm.sample(model, "rflow", noise=noise, steps=steps, progress=False)
+    np.testing.assert_allclose(ours.numpy(), reference_rflow(model, noise, steps), rtol=1e-4, atol=2e-5)
+    assert ours.abs().max() > 1                                                # the authors do not clip rflow
+    assert dm.sample(model, "rflow", noise=noise, steps=steps, clip=True, progress=False).abs().max() <= 1
+
+
+def test_rflow_grid_timesteps_and_errors():
+    assert dm.timestep_pairs(4, schedule=dm.RFLOW_SCHEDULE) == [(1000.0, 750.0), (750.0, 500.0), (500.0, 250.0), (250.0, 0.0)]
+    assert dm.timestep_pairs(1, schedule=dm.RFLOW_SCHEDULE) == [(1000.0, 0.0)]
+    model = _Seen()
+    dm.sample(model, "rflow", shape=(1, 1, 2, 2, 2), steps=3, progress=False)
+    assert [t.dtype for t in model.seen] == [torch.float32] * 3                   # real timesteps reach the model
+    assert [round(float(t[0]), 3) for t in model.seen] == [1000.0, 666.667, 333.333]
+    with pytest.raises(ValueError, match="one timestep grid"):
+        dm.sample(model, "rflow", shape=(1, 1, 2, 2, 2), steps=3, spacing="leading", progress=False)
+    with pytest.raises(ValueError, match="rflow prediction needs a RectifiedFlowSchedule"):
+        dm.sample(model, "rflow", shape=(1, 1, 2, 2, 2), steps=3, schedule=dm.DEFAULT_SCHEDULE, progress=False)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        dm.timestep_pairs(0, schedule=dm.RFLOW_SCHEDULE)
+
+
+def test_stochastic_rflow_sampler_matches_reference():
+    model = Toy()
+    g = torch.Generator().manual_seed(12)
+    ours = dm.sample(model, "rflow", shape=(2, 1, 3, 4, 5), steps=6, eta=0.7, generator=g, progress=False)
+    g = torch.Generator().manual_seed(12)
+    noise = torch.randn(2, 1, 3, 4, 5, generator=g)
+    np.testing.assert_allclose(ours.numpy(), reference_rflow(model, noise, 6, eta=0.7, z_generator=g), rtol=1e-4, atol=2e-5)
+
+
+class _Seen(Toy):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append(t.clone())
+        return super().forward(x, t)
