@@ -1407,17 +1407,20 @@ def phantom_volumes(labels, voxel_mm=None) -> dict:
 # --- Datasets and augmentation -----------------------------------------------------------------
 
 
-def augment(volume, generator=None, *, flip=None, degrees=3.0, shift=2.0, scale=0.03) -> torch.Tensor:
+def augment(volume, generator=None, *, flip=None, degrees=3.0, shift=2.0, scale=0.03, p_affine=1.0) -> torch.Tensor:
     """The paper's augmentation: random left-right flip (p = 0.5; flip=True/False forces it), then
     a small random affine: output voxel i samples the input at c + s R (i - c) + t, R a rotation
     by U(-degrees, degrees) about each axis, s ~ U(1 -+ scale), t ~ U(-+ shift) voxels; -1
-    outside (docs/methods.md#augmentation). volume: (..., D, H, W) in [-1, 1], one transform
-    for all leading axes. Draws come from `generator` in a fixed order (seeded: reproducible)."""
+    outside (docs/methods.md#augmentation), applied with probability p_affine (the kit: always;
+    the authors' recipe: 0.5). volume: (..., D, H, W) in [-1, 1], one transform for all leading
+    axes. Draws come from `generator` in a fixed order (seeded: reproducible)."""
+    if not 0 <= p_affine <= 1:
+        raise ValueError(f"augment: p_affine is a probability in [0, 1], got {p_affine}")
     x = torch.as_tensor(volume, dtype=torch.float32)
-    u = torch.rand(8, generator=generator, dtype=torch.float64).numpy()
+    u = torch.rand(9, generator=generator, dtype=torch.float64).numpy()
     if (u[0] < 0.5) if flip is None else flip:
         x = x.flip(-3)
-    if degrees == shift == scale == 0:
+    if degrees == shift == scale == 0 or u[8] >= p_affine:
         return x.clamp(-1, 1)
     c = (np.array(x.shape[-3:]) - 1) / 2
     a = (1 + scale * (2 * u[1] - 1)) * _rotation_matrix(degrees * (2 * u[2:5] - 1))
@@ -1431,17 +1434,19 @@ def _item_seed(*keys) -> int:
 
 
 class VolumeDataset(torch.utils.data.Dataset):
-    """NIfTI volumes (a folder's *.nii/*.nii.gz, sorted, or a list of files) as (1, D, H, W)
-    float32 tensors in [-1, 1] for training: reoriented to LPS by permutations and flips only
-    (the files should be preprocess()-ed), optionally resized by voxel_mm (4: 192 x 224 x 192
-    -> 48 x 56 x 48) or size (area averaging down, trilinear up), normalize_intensity'd.
-    augment=True: augment() seeded by (seed, index, times read): every epoch differs, reproducibly."""
+    """NIfTI volumes (a folder's *.nii/*.nii.gz, sorted, also in subfolders with recursive=True,
+    or a list of files) as (1, D, H, W) float32 tensors in [-1, 1] for training: reoriented to LPS
+    by permutations and flips only (the files should be preprocess()-ed), optionally resized by
+    voxel_mm (4: 192 x 224 x 192 -> 48 x 56 x 48) or size (area averaging down, trilinear up),
+    normalize_intensity'd (per-volume min-max). augment=True (or a dict of augment() keywords):
+    augment() seeded by (seed, index, times read): every epoch differs, reproducibly."""
 
-    def __init__(self, files_or_folder, size=None, voxel_mm=None, augment=False, seed=0):
+    def __init__(self, files_or_folder, size=None, voxel_mm=None, augment=False, seed=0, recursive=False):
         if size is not None and voxel_mm is not None:
             raise ValueError("VolumeDataset: give size or voxel_mm, not both")
         if isinstance(files_or_folder, (str, os.PathLike)) and pathlib.Path(files_or_folder).is_dir():
-            files = sorted(p for p in pathlib.Path(files_or_folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+            found = pathlib.Path(files_or_folder).rglob("*") if recursive else pathlib.Path(files_or_folder).iterdir()
+            files = sorted(p for p in found if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
         elif isinstance(files_or_folder, (str, os.PathLike)):
             files = [pathlib.Path(files_or_folder)]
         else:
@@ -1470,7 +1475,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         x = normalize_intensity(x[0])                                                    # (1, D, H, W)
         if self.augment:
             count = self._reads[i] = self._reads.get(i, -1) + 1
-            x = augment(x, torch.Generator().manual_seed(_item_seed(self.seed, i, count)))
+            x = augment(x, torch.Generator().manual_seed(_item_seed(self.seed, i, count)),
+                        **(self.augment if isinstance(self.augment, dict) else {}))
         return x
 
 
@@ -1514,6 +1520,19 @@ class PhantomDataset(torch.utils.data.IterableDataset):
 #   previews/step_000500.png   the EMA model's sample at that step (preview_every)
 
 
+#: Named training recipes (docs/methods.md#recipes): train() keywords, the autocast dtype on CUDA
+#: (a CPU trains in float32), and the VolumeDataset options for real data. "kit": ddpm-mini's defaults. "medforj": the authors' training code:
+#: online EMA at rate 2e-4 per step without warm-up, no gradient clipping, bfloat16 autocast
+#: without a GradScaler, RandFlip(p 0.5) + RandAffine(+-10 degrees, +-5 voxels, p 0.5), a
+#: recursive search for *.nii*, per-volume min-max scaling (normalize_intensity, as the kit's).
+RECIPES = {
+    "kit": {"train": dict(ema_decay=0.999, ema_warmup=True, max_grad_norm=1.0), "cuda_dtype": None,
+            "data": dict(augment=dict(degrees=3.0, shift=2.0, scale=0.03, p_affine=1.0), recursive=False)},
+    "medforj": {"train": dict(ema_decay=0.9998, ema_warmup=False, max_grad_norm=None), "cuda_dtype": "bfloat16",
+                "data": dict(augment=dict(degrees=10.0, shift=5.0, scale=0.0, p_affine=0.5), recursive=True)},
+}
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What train() returns. model: trained, in train mode; ema: its EMA copy in eval mode (sample
@@ -1530,7 +1549,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
           ema_decay: float = 0.999, max_grad_norm: float | None = 1.0, out=None, checkpoint_every: int = 500,
           keep: int = 3, resume: bool = False, seed: int = 0, preview_every: int = 0, preview_steps: int = 32,
           on_preview=None, max_minutes: float | None = None, schedule=None, device=None, dtype=None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, ema_warmup: bool = True) -> TrainResult:
     """Train `model` to predict `prediction` for `steps` steps (the paper's recipe) and keep an EMA copy
     (docs/methods.md#training-recipe).
 
@@ -1538,7 +1557,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     (PhantomDataset(n=None)) or any re-iterable of items or (B, C, *S) batches; values in [-1, 1].
     Step k: diffusion_loss with a generator seeded by (seed, rank, k); Adam (lr) after clipping the
     gradient norm to max_grad_norm (None: off); EMA theta_e <- d theta_e + (1 - d) theta with
-    d = min(ema_decay, (1 + k) / (10 + k)). CUDA autocasts (dtype None: bfloat16 where supported,
+    d = min(ema_decay, (1 + k) / (10 + k)) (ema_warmup=False: d = ema_decay). CUDA autocasts (dtype None: bfloat16 where supported,
     else float16 with a GradScaler); a CPU runs float32. out: checkpoints every checkpoint_every
     steps and at the end (the newest `keep`), history.csv, previews every preview_every steps
     (also passed to on_preview(step, x)); None writes nothing. resume=True continues the newest
@@ -1582,7 +1601,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-        _ema_update(ema_pairs, min(ema_decay, (1 + step) / (10 + step)))
+        _ema_update(ema_pairs, min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay)
         step += 1
         timed_out = max_minutes is not None and time.perf_counter() - started > 60 * max_minutes
         loss, stop = _agree(loss.detach().float(), timed_out, world)
@@ -1599,6 +1618,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
                 result.checkpoint = _save_checkpoint(out, step, model, ema, state, keep, prediction=prediction,
                                                      schedule=schedule, shape=list(x0.shape[2:]), seed=seed,
                                                      batch_size=batch_size * world, lr=lr, ema_decay=ema_decay,
+                                                     ema_warmup=ema_warmup, max_grad_norm=max_grad_norm,
                                                      seconds=round(spent, 1))
                 _write_history(result.history_csv, history)
             _barrier(world)
@@ -2517,10 +2537,12 @@ def _cmd_train(args) -> int:
     out = pathlib.Path(args.out)
     if args.phantoms == bool(args.data):
         raise ValueError("train: give --phantoms or --data DIR (one of them)")
+    recipe = RECIPES[args.recipe]
     if args.phantoms:
         data = PhantomDataset(shape=tuple(args.size or TEACHING_SHAPE), seed=args.seed)
     else:
-        data = VolumeDataset(args.data, size=args.size, augment=args.augment, seed=args.seed)
+        data = VolumeDataset(args.data, size=args.size, seed=args.seed, recursive=recipe["data"]["recursive"],
+                             augment=recipe["data"]["augment"] if args.augment else False)
     ckpt = latest_checkpoint(out) if args.resume else None
     torch.manual_seed(args.seed)  # the U-Net's initial weights
     meta = load_model(ckpt, "cpu")[1] if ckpt else {"unet": {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}[args.unet],
@@ -2528,11 +2550,12 @@ def _cmd_train(args) -> int:
     model = UNet(**meta["unet"], gradient_checkpointing=args.gradient_checkpointing)
     print(f"training a {'resumed' if ckpt else args.unet} U-Net ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters) for {args.prediction} into {out}" + (f", from {ckpt.name}" if ckpt else ""))
-    result = train(model, data, args.prediction, args.steps, batch_size=args.batch_size, lr=args.lr,
-                   ema_decay=args.ema_decay, out=out, checkpoint_every=args.checkpoint_every, keep=args.keep,
-                   resume=args.resume, seed=args.seed, preview_every=args.preview_every,
-                   max_minutes=args.minutes, schedule=Schedule.from_config(meta["schedule"]), device=args.device,
-                   dtype=args.dtype)
+    dtype = args.dtype or (recipe["cuda_dtype"] if _device(args.device).type == "cuda" else None)
+    options = dict(recipe["train"], dtype=dtype, **({"ema_decay": args.ema_decay} if args.ema_decay is not None else {}))
+    result = train(model, data, args.prediction, args.steps, batch_size=args.batch_size, lr=args.lr, out=out,
+                   checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, seed=args.seed,
+                   preview_every=args.preview_every, max_minutes=args.minutes,
+                   schedule=Schedule.from_config(meta["schedule"]), device=args.device, **options)
     if result.history:
         print(f"step {len(result.history)}: loss (mean of the last 20 steps) {np.mean(result.history[-20:]):.4f}")
     print(f"checkpoint {result.checkpoint}; losses in {result.history_csv}; "
@@ -2548,7 +2571,12 @@ def _train_parser(sub):
     p.add_argument("--prediction", required=True, help=f"what the U-Net predicts: {', '.join(ALL_PREDICTIONS)}")
     p.add_argument("--size", type=int, nargs=3, metavar=("D", "H", "W"),
                    help=f"volume size (phantoms default {' '.join(map(str, TEACHING_SHAPE))}; --data default: the files' own)")
-    p.add_argument("--augment", action="store_true", help="with --data: random flip and small affine (augment)")
+    p.add_argument("--augment", action="store_true",
+                   help="with --data: random flip and affine (augment), as the recipe sets them")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="kit",
+                   help="kit (default: EMA 0.999 with warm-up, gradient clipping at 1, +-3 degrees / +-2 voxels / "
+                        "+-3%% scale) or medforj (the authors': EMA 0.9998 without warm-up, no clipping, bfloat16, "
+                        "+-10 degrees / +-5 voxels with p 0.5, --data searched recursively); see docs/methods.md#recipes")
     p.add_argument("--unet", choices=("teaching", "medforj"), default="teaching",
                    help="TEACHING_UNET (default; CPU-sized) or MEDFORJ_UNET (the paper's; needs a GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -2556,7 +2584,7 @@ def _train_parser(sub):
     p.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this much training time")
     p.add_argument("--batch-size", type=int, default=2, help="volumes per step and process (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay after warm-up (default 0.999)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay (default: the recipe's, 0.999 or 0.9998)")
     p.add_argument("--out", default="run", help="output folder (default ./run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
@@ -2565,7 +2593,7 @@ def _train_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and noise (default 0)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="CUDA autocast (default bfloat16 where supported, else float16); CPU is float32")
+                   help="CUDA autocast (default: the recipe's; kit: bfloat16 where supported, else float16); CPU is float32")
 
 
 def _cmd_fetch(args) -> int:

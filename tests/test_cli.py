@@ -472,3 +472,27 @@ def test_cli_train_resume_keeps_the_run_schedule(tmp_path):
                     "--out", str(tmp_path / "run"), "--steps", "3", "--resume"]) == 0
     assert dm.latest_checkpoint(tmp_path / "run").name == "step_000003"
     assert dm.load_model(tmp_path / "run")[1]["schedule"] == short.config()
+
+
+def test_cli_train_recipes(tmp_path, monkeypatch):
+    """--recipe medforj: the authors' EMA (0.9998, no warm-up), no clipping, their augmentation (+-10 degrees,
+    +-5 voxels, p 0.5) and a recursive search of --data, recorded in the checkpoint; the kit's by default."""
+    for i in range(2):
+        dm.save_nifti(dm.phantom(i, (16, 16, 16))[0], tmp_path / "data" / f"site{i}" / f"sub{i}.nii.gz")
+    seen = {}
+    real = dm.VolumeDataset
+    monkeypatch.setattr(dm, "VolumeDataset", lambda *a, **k: seen.setdefault("data", real(*a, **k)))
+    args = ["train", "--data", str(tmp_path / "data"), "--augment", "--prediction", "velocity", "--unet", "teaching",
+            "--batch-size", "1", "--steps", "1"]
+    assert dm.main(args + ["--recipe", "medforj", "--out", str(tmp_path / "m")]) == 0
+    meta = dm.load_model(tmp_path / "m")[1]
+    assert (meta["ema_decay"], meta["ema_warmup"], meta["max_grad_norm"]) == ("0.9998", "false", "null")
+    assert len(seen["data"]) == 2 and seen["data"].augment == dm.RECIPES["medforj"]["data"]["augment"]
+    assert seen["data"].augment == dict(degrees=10.0, shift=5.0, scale=0.0, p_affine=0.5)
+    assert dm.main(args + ["--out", str(tmp_path / "k"), "--ema-decay", "0.99"]) == 1       # kit: no recursion
+    seen.clear()
+    dm.save_nifti(dm.phantom(5, (16, 16, 16))[0], tmp_path / "data" / "top.nii.gz")
+    assert dm.main(args + ["--out", str(tmp_path / "k"), "--ema-decay", "0.99"]) == 0
+    meta = dm.load_model(tmp_path / "k")[1]
+    assert (meta["ema_decay"], meta["ema_warmup"], meta["max_grad_norm"]) == ("0.99", "true", "1.0")
+    assert len(seen["data"]) == 1 and seen["data"].augment == dm.RECIPES["kit"]["data"]["augment"]

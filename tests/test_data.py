@@ -285,6 +285,37 @@ def test_augment_shape_range_flip_and_determinism():
     assert torch.equal(batch[0], batch[1]) and torch.allclose(batch[0], y, atol=1e-6)
 
 
+def test_augment_applies_its_affine_with_probability_p_affine():
+    """p_affine = 1 (the kit) always warps, 0 never (flip only), 0.5 (the authors' recipe) about half the
+    time, from the draw after the kit's eight (so p_affine = 1 gives the same volumes as before it existed)."""
+    x = torch.from_numpy(dm.phantom(0, shape=(16, 20, 16))[0])[None]
+    def warped(seed, p):
+        y = dm.augment(x, torch.Generator().manual_seed(seed), degrees=10, shift=5, scale=0, p_affine=p)
+        return not (torch.equal(y, x) or torch.equal(y, x.flip(-3)))
+    assert all(warped(s, 1.0) for s in range(20)) and not any(warped(s, 0.0) for s in range(20))
+    assert 60 < sum(warped(s, 0.5) for s in range(200)) < 140
+    u = torch.rand(9, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert warped(7, 0.5) == bool(u[8] < 0.5)
+    with pytest.raises(ValueError, match="p_affine is a probability"):
+        dm.augment(x, p_affine=1.5)
+
+
+def test_volume_dataset_recursive_search_and_augment_options(tmp_path):
+    """recursive=True finds *.nii* in subfolders too (the authors' rglob); augment= a dict passes augment()'s
+    keywords (here: no affine, so only flips)."""
+    vol = dm.phantom(1, shape=(16, 16, 16))[0]
+    dm.save_nifti(vol, tmp_path / "top.nii.gz")
+    dm.save_nifti(vol, tmp_path / "site" / "sub-01" / "anat.nii.gz")
+    assert [f.name for f in dm.VolumeDataset(tmp_path).files] == ["top.nii.gz"]
+    assert [f.relative_to(tmp_path).as_posix() for f in dm.VolumeDataset(tmp_path, recursive=True).files] == [
+        "site/sub-01/anat.nii.gz", "top.nii.gz"]
+    ds = dm.VolumeDataset(tmp_path, augment=dict(degrees=0, shift=0, scale=0), seed=1)
+    plain = dm.VolumeDataset(tmp_path)[0]
+    reads = [ds[0] for _ in range(8)]                                           # each read draws anew
+    assert all(torch.equal(x, plain) or torch.equal(x, plain.flip(-3)) for x in reads)
+    assert 0 < sum(torch.equal(x, plain) for x in reads) < 8
+
+
 def test_volume_dataset(tmp_path):
     folder = tmp_path / "vols"
     lps = np.diag([-2.0, -2.0, 2.0, 1.0])

@@ -74,6 +74,13 @@ def test_ema_follows_its_formula():
     for key, value in result.ema.state_dict().items():
         torch.testing.assert_close(value, 0.1 * start[key] + 0.9 * model.state_dict()[key], rtol=0, atol=1e-6)
     assert not torch.equal(result.ema.conv_in.conv.weight, start["conv_in.conv.weight"])
+    # ema_warmup=False (the authors' online EMA): d = ema_decay from the first step
+    torch.manual_seed(0)
+    model = dm.UNet(**MICRO_UNET)
+    result = dm.train(model, dm.PhantomDataset(shape=(16, 16, 16)), "flow", 1, lr=1e-2, progress=False,
+                      **dm.RECIPES["medforj"]["train"])
+    for key, value in result.ema.state_dict().items():
+        torch.testing.assert_close(value, 0.9998 * start[key] + 0.0002 * model.state_dict()[key], rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- checkpoints
