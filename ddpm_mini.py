@@ -1596,9 +1596,11 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
             loss = diffusion_loss(net, x0, prediction, schedule, generator)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        scaler.unscale_(optimizer)  # (a float16 GradScaler's overflow steps are skipped, not errors)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+        if not scaler.is_enabled() and not bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach())):
+            bar.close()
+            raise ValueError(_diverged(step, loss, grad_norm, x0, lr, result.checkpoint))
         scaler.step(optimizer)
         scaler.update()
         _ema_update(ema_pairs, min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay)
@@ -1632,6 +1634,14 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _diverged(step: int, loss, grad_norm, x0, lr: float, checkpoint) -> str:
+    """The message when a step's loss or gradient is not finite (train stops before the update)."""
+    cause = "the batch holds non-finite values" if not bool(torch.isfinite(x0).all()) else f"lr {lr:g} may be too high"
+    return (f"train: step {step + 1}: loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}: not finite "
+            f"({cause}); stopped before updating the weights. The last checkpoint, "
+            f"{checkpoint or 'none written in this run'}, is finite and kept")
 
 
 def latest_checkpoint(out) -> pathlib.Path | None:

@@ -496,3 +496,14 @@ def test_cli_train_recipes(tmp_path, monkeypatch):
     meta = dm.load_model(tmp_path / "k")[1]
     assert (meta["ema_decay"], meta["ema_warmup"], meta["max_grad_norm"]) == ("0.99", "true", "1.0")
     assert len(seen["data"]) == 1 and seen["data"].augment == dm.RECIPES["kit"]["data"]["augment"]
+
+
+def test_cli_train_that_diverges_exits_with_an_error_and_keeps_the_good_checkpoint(tmp_path, capsys):
+    """The issue's case: `train --lr 1e4 --checkpoint-every 1 --keep 2` used to exit 0 with NaN weights only."""
+    out = tmp_path / "run"
+    assert dm.main(["train", "--phantoms", "--prediction", "flow", "--size", "16", "16", "16", "--batch-size", "1",
+                    "--lr", "1e4", "--steps", "20", "--checkpoint-every", "1", "--keep", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: train: step " in err and "not finite" in err and "Traceback" not in err  # after the progress bar
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert 1 <= len(kept) <= 2 and all(torch.isfinite(v).all() for v in dm.load_model(out)[0].state_dict().values())

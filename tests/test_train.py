@@ -309,3 +309,29 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     saved, _ = dm.load_model(tmp_path / "run" / "checkpoints" / "step_000004" / "model.safetensors")
     assert all(torch.equal(v, r0["model"][k]) for k, v in saved.state_dict().items())
+
+
+def test_a_diverging_run_stops_before_the_bad_update_and_keeps_its_checkpoints(tmp_path):
+    """A non-finite loss or gradient (here: a NaN voxel in the batch at step 3, or lr 1e4) stops train with a
+    ValueError naming the step and the cause, before the weights change; the finite checkpoints stay."""
+    batches = [torch.stack([torch.from_numpy(dm.phantom(2 * i + j, (16, 16, 16))[0])[None] for j in range(2)])
+               for i in range(6)]
+    batches[2][1, 0, 3, 3, 3] = float("nan")                   # the third batch: step 3
+
+    class InOrder:                                             # a re-iterable of batches, read in order
+        def __iter__(self):
+            return iter(batches)
+    torch.manual_seed(0)
+    model = dm.UNet(**TINY_UNET)
+    with pytest.raises(ValueError, match=r"train: step 3: loss nan, gradient norm nan: not finite \(the batch holds "
+                                         r"non-finite values\); stopped before updating the weights\. The last "
+                                         r"checkpoint, .*step_000002, is finite and kept"):
+        dm.train(model, InOrder(), "flow", 6, batch_size=2, out=tmp_path / "nan", checkpoint_every=2, keep=1,
+                 progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    kept = dm.latest_checkpoint(tmp_path / "nan")
+    assert kept.name == "step_000002" and all(torch.isfinite(v).all() for v in dm.load_model(kept)[0].state_dict().values())
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"not finite \(lr 10000 may be too high\).*none written in this run"):
+        dm.train(dm.UNet(**TINY_UNET), dm.PhantomDataset(shape=(16, 16, 16)), "flow", 30, batch_size=2, lr=1e4,
+                 max_grad_norm=None, progress=False)
