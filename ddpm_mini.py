@@ -44,6 +44,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -1026,8 +1027,27 @@ def manifest_path() -> pathlib.Path:
     return next((c for c in candidates if c.exists()), candidates[0])
 
 
+#: What a manifest row's hash may be: empty (unpublished) or algorithm:hexdigest.
+_HASH_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64}
+
+
+def _check_row(path, row: dict) -> None:
+    """Refuse manifest cells that could write outside the cache or that are not a hash or size."""
+    name, digest, size = row["name"], row.get("hash", ""), row.get("size", "")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"manifest {path}: the name {name!r} is not allowed (letters, digits, '.', '_', '-'; "
+                         "it names a folder in the cache)")
+    algorithm, _, hexdigest = digest.partition(":")
+    if digest and not (algorithm in _HASH_LENGTHS and re.fullmatch(f"[0-9a-fA-F]{{{_HASH_LENGTHS[algorithm]}}}", hexdigest)):
+        raise ValueError(f"manifest {path}: {name}: the hash {digest!r} is not algorithm:hexdigest "
+                         f"({', '.join(f'{a} with {n} hex digits' for a, n in _HASH_LENGTHS.items())})")
+    if size and not size.isdigit():
+        raise ValueError(f"manifest {path}: {name}: the size {size!r} is not a number of bytes")
+
+
 def read_manifest(path=None) -> dict:
-    """Read the asset manifest: {name: row}, each row a dict of MANIFEST_COLUMNS (strings)."""
+    """Read the asset manifest: {name: row}, each row a dict of MANIFEST_COLUMNS (strings). Names,
+    hashes and sizes are checked here, so a bad cell is blamed on the manifest, not a download."""
     path = pathlib.Path(path) if path is not None else manifest_path()
     if not path.exists():
         raise FileNotFoundError(f"asset manifest not found at {path} (set DDPM_MINI_MANIFEST to a data_manifest.csv)")
@@ -1041,6 +1061,7 @@ def read_manifest(path=None) -> dict:
             row = {k: (v or "").strip() for k, v in row.items() if k is not None}
             if row["name"] in rows:
                 raise ValueError(f"manifest {path}: the name {row['name']!r} appears twice")
+            _check_row(path, row)
             rows[row["name"]] = row
     return rows
 
@@ -1118,7 +1139,8 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     known_hash = row.get("hash") or None
     if known_hash is None and name not in _WARNED_UNVERIFIED:
         _WARNED_UNVERIFIED.add(name)
-        warnings.warn(f"{name}: no checksum is published for this file, so its download is not verified", stacklevel=2)
+        warnings.warn(f"{name}: no checksum is published for this file, so its download is not verified; its sha256 "
+                      "is recorded at the first download and checked at every later use (trust on first use)", stacklevel=2)
     local = "://" not in url
     downloader = _copy_local if local else pooch.HTTPDownloader(progressbar=progress, timeout=60)
     try:
@@ -1130,7 +1152,27 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     except Exception as err:
         raise ConnectionError(f"could not fetch {name!r} from {url}: {type(err).__name__}: {err}. Offline? Put "
                               f"{fname} in a folder (or on a server) and set DDPM_MINI_MIRROR to it.") from None
-    return pathlib.Path(path)
+    path = pathlib.Path(path)
+    if row.get("size") and path.stat().st_size != int(row["size"]):
+        got = path.stat().st_size
+        path.unlink()
+        raise ValueError(f"{name}: the file from {url} has {got} bytes, the manifest says {row['size']} "
+                         "(a download cut short?); nothing was kept")
+    if known_hash is None:
+        _trust_on_first_use(name, path)
+    return path
+
+
+def _trust_on_first_use(name: str, path: pathlib.Path) -> None:
+    """For files without a published hash: record the sha256 of the first download beside it
+    (<file>.sha256) and refuse the file if it later differs."""
+    record = path.with_name(path.name + ".sha256")
+    digest = pooch.file_hash(str(path), alg="sha256")
+    if not record.exists():
+        _atomic_write(record, lambda tmp: tmp.write_text(digest + "\n"))
+    elif record.read_text().strip() != digest:
+        raise ValueError(f"{name}: the cached file {path} is not the one first downloaded (sha256 then "
+                         f"{record.read_text().strip()}, now {digest}); delete {path.parent} to download it again")
 
 
 def fetch_group(group: str, progress: bool = True) -> list:

@@ -290,6 +290,42 @@ def test_fetch_unverified_warns_once(assets):
         dm.fetch("unverified")
 
 
+@pytest.mark.parametrize("cells,message", [
+    (dict(name="../evil"), r"the name '\.\./evil' is not allowed"),
+    (dict(name="a/b"), r"the name 'a/b' is not allowed"),
+    (dict(hash="sha256:xyz"), r"x: the hash 'sha256:xyz' is not algorithm:hexdigest"),
+    (dict(hash="md5:" + "0" * 31), "x: the hash 'md5:0+' is not algorithm:hexdigest"),
+    (dict(hash="crc32:deadbeef"), "x: the hash 'crc32:deadbeef' is not algorithm:hexdigest"),
+    (dict(size="12 MB"), r"x: the size '12 MB' is not a number of bytes"),
+])
+def test_manifest_cells_are_checked_when_read(tmp_path, cells, message):
+    """A row that would write outside the cache, or whose hash or size is malformed, is blamed on the manifest."""
+    row = {**dict(name="x", kind="volume", url="https://example.invalid/x.bin", hash="", verified="false"), **cells}
+    with pytest.raises(ValueError, match=f"manifest .*m.csv: {message}"):
+        dm.read_manifest(write_manifest(tmp_path / "m.csv", [row]))
+
+
+def test_fetch_refuses_a_wrong_size_and_trusts_on_first_use(assets, tmp_path):
+    """A download whose size differs from the manifest's is refused and not cached. A file without a published
+    hash gets its sha256 recorded at the first download; a later change to the cached file is refused."""
+    root, base, cache = assets
+    size = (root / "b.bin").stat().st_size
+    write_manifest(tmp_path / "manifest.csv", [
+        dict(name="short", kind="volume", url=f"{base}/b.bin", hash="", size=str(size + 10), verified="false"),
+        dict(name="tofu", kind="volume", url=f"{base}/b.bin", hash="", size=str(size), verified="false")])
+    dm._WARNED_UNVERIFIED.update({"short", "tofu"})
+    with pytest.raises(ValueError, match=f"short: the file from .*b.bin has {size} bytes, the manifest says {size + 10}"):
+        dm.fetch("short")
+    assert files_in(cache) == []
+    path = dm.fetch("tofu")
+    assert files_in(cache) == ["tofu/b.bin", "tofu/b.bin.sha256"]
+    assert (cache / "tofu" / "b.bin.sha256").read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert dm.fetch("tofu") == path                                # unchanged: served from the cache
+    path.write_bytes(b"x" * size)                                   # same size, other bytes
+    with pytest.raises(ValueError, match="tofu: the cached file .* is not the one first downloaded"):
+        dm.fetch("tofu")
+
+
 def test_fetch_errors(assets):
     with pytest.raises(ValueError, match="unknown asset 'nope'.*a, b"):
         dm.fetch("nope")
