@@ -1918,13 +1918,28 @@ def _name_key(name: str) -> str:
     return " ".join(str(name).strip().lower().replace("_", " ").split())
 
 
-def _volume_table(subjects, columns: dict) -> dict:
+def _volume_table(subjects, columns: dict, source="a volume table") -> dict:
     subjects = [str(s) for s in subjects]
     cols = {str(k).strip().lower(): np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
     bad = [k for k, v in cols.items() if v.size != len(subjects)]
     if bad:
-        raise ValueError(f"column(s) {bad} do not have one value for each of the {len(subjects)} subjects")
-    return {"subject": subjects, "volumes": cols}
+        raise ValueError(f"{source}: column(s) {bad} do not have one value for each of the {len(subjects)} subjects")
+    return _check_table({"subject": subjects, "volumes": cols}, source)
+
+
+def _check_table(table: dict, source="a volume table") -> dict:
+    """Refuse what would make statistics look meaningful when they are not: volumes that are not
+    finite or are negative (named by column and subject), and subjects listed twice."""
+    subjects = table["subject"]
+    twice = sorted({s for s in subjects if subjects.count(s) > 1})
+    if twice:
+        raise ValueError(f"{source}: subject(s) {twice} appear more than once; each subject may be counted once")
+    for name, v in table["volumes"].items():
+        bad = np.flatnonzero(~np.isfinite(v) | (v < 0))
+        if bad.size:
+            raise ValueError(f"{source}: column {name!r}, subject {subjects[bad[0]]!r}: volume {v[bad[0]]} "
+                             f"(volumes must be finite and >= 0, in mm^3; {bad.size} such value(s) in this column)")
+    return table
 
 
 def read_synthseg_csv(path) -> dict:
@@ -1954,7 +1969,7 @@ def read_synthseg_csv(path) -> dict:
             except ValueError:
                 raise ValueError(f"{path}, data row {i + 1} ({row[0]!r}), column {names[j]!r}: {cell!r} "
                                  "is not a number (volumes in mm^3 expected)") from None
-    return _volume_table([r[0].strip() for r in rows[1:]], dict(zip(names, values.T)))
+    return _volume_table([r[0].strip() for r in rows[1:]], dict(zip(names, values.T)), str(path))
 
 
 def write_table_csv(table, path) -> pathlib.Path:
@@ -2285,8 +2300,10 @@ def compare_volumes(a, b, structures=None, n_permutations=10000, seed=0, correct
     the same seeded relabellings for every structure), p_adjusted (correction
     across the structures: 'holm' or 'fdr'), cohen_d, hedges_g, wasserstein
     (exact W1 between the two samples, mm^3); <a>, <b> from names.
-    structures: names to test (default: all shared); merge_lr sums left/right first.
+    structures: names to test (default: all shared); merge_lr sums left/right first. Volumes that
+    are not finite or are negative, and subjects listed twice, are a ValueError.
     """
+    a, b = _check_table(a, f"table {names[0]!r}"), _check_table(b, f"table {names[1]!r}")
     if merge_lr:
         a, b = merge_left_right(a), merge_left_right(b)
     pairs = _matched_structures([a, b], structures)
@@ -2377,6 +2394,9 @@ def load_volume_table(source) -> dict:
     maps, vox = {}, []
     for f in label_files or files:
         array, affine = load_nifti(f)
+        if label_files and (array.min() < 0 or array.max() > len(PHANTOM_LABELS) - 1 or (array != np.rint(array)).any()):
+            raise ValueError(f"{f}: label values must be integers in 0..{len(PHANTOM_LABELS) - 1} (PHANTOM_LABELS), "
+                             f"found {float(array.min()):g}..{float(array.max()):g}")
         maps[f.name] = np.rint(array).astype(np.uint8) if label_files else normalize_intensity(array).numpy()
         vox.append(np.linalg.norm(affine[:3, :3], axis=0))
     return regional_volumes(maps, voxel_mm=np.stack(vox))
@@ -2767,6 +2787,8 @@ def _cmd_evaluate(args) -> int:
         name, sep, path = spec.partition("=")
         if not (sep and name and path):
             raise ValueError(f"--synthetic takes NAME=CSV|DIR, got {spec!r}")
+        if name in synthetic:
+            raise ValueError(f"--synthetic: the set name {name!r} is given twice; each set needs its own name")
         synthetic[name] = load_volume_table(path)
     report = comparison_report(load_volume_table(args.real), synthetic, args.out, structures=args.structures,
                                merge_lr=args.merge_lr, n_permutations=args.permutations, seed=args.seed,

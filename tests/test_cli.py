@@ -507,3 +507,11 @@ def test_cli_train_that_diverges_exits_with_an_error_and_keeps_the_good_checkpoi
     assert "\nerror: train: step " in err and "not finite" in err and "Traceback" not in err  # after the progress bar
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert 1 <= len(kept) <= 2 and all(torch.isfinite(v).all() for v in dm.load_model(out)[0].state_dict().values())
+
+
+def test_cli_evaluate_refuses_a_set_name_given_twice(tmp_path, capsys):
+    for name in ("real", "x", "y"):
+        (tmp_path / f"{name}.csv").write_text("subject,cortex\na,1\nb,2\nc,3\n")
+    args = ["evaluate", "--real", str(tmp_path / "real.csv"), "--out", str(tmp_path / "report"), "--synthetic"]
+    assert dm.main(args + [f"a={tmp_path / 'x.csv'}", f"a={tmp_path / 'y.csv'}"]) == 1
+    assert "the set name 'a' is given twice" in capsys.readouterr().err and not (tmp_path / "report").exists()

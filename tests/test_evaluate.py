@@ -183,7 +183,7 @@ def test_compare_volumes_rows():
                                                   "right_thalamus": rng.normal(7000, 500, n),
                                                   "left_putamen": rng.normal(4200, 400, n),
                                                   "right_putamen": rng.normal(4200, 400, n),
-                                                  "csf": rng.normal(1, 1, n)})
+                                                  "csf": np.abs(rng.normal(1, 1, n))})
     rows = dm.compare_volumes(fake, real, n_permutations=2000, seed=0)
     assert [r["structure"] for r in rows] == ["left_thalamus", "right_thalamus", "left_putamen", "right_putamen"]
     by = {r["structure"]: r for r in rows}
@@ -381,3 +381,35 @@ def test_segment_phantom_grid_limit(shape, works):
         scores = dm.dice(dm.segment_phantom(image), truth)
         tissues = [scores[k] for k in ("skull", "csf", "cortex", "white_matter", "left_thalamus", "right_putamen")]
         assert (min(tissues) >= 0.95) if works else (max(tissues) <= 0.2), (shape, seed, scores)
+
+
+def test_statistics_refuse_bad_numbers_duplicates_and_bad_label_files(tmp_path):
+    """Non-finite or negative volumes (named by column and subject), subjects counted twice, label files with
+    values outside PHANTOM_LABELS (256 used to wrap to 0) and NaN images are refused, never tested."""
+    good = _table(["a", "b", "c"], cortex=[1.0, 2.0, 3.0])
+    for bad, message in (([1.0, np.nan, 3.0], r"column 'cortex', subject 'b': volume nan"),
+                         ([1.0, 2.0, np.inf], r"column 'cortex', subject 'c': volume inf"),
+                         ([-5.0, 2.0, 3.0], r"column 'cortex', subject 'a': volume -5\.0")):
+        with pytest.raises(ValueError, match=message + r" \(volumes must be finite and >= 0"):
+            _table(["a", "b", "c"], cortex=bad)
+        table = {"subject": ["a", "b", "c"], "volumes": {"cortex": np.array(bad)}}     # built by hand
+        with pytest.raises(ValueError, match="table 'a': " + message):
+            dm.compare_volumes(table, good)
+    with pytest.raises(ValueError, match=r"subject\(s\) \['a'\] appear more than once"):
+        _table(["a", "b", "a"], cortex=[1.0, 2.0, 3.0])
+    csv_path = tmp_path / "s.csv"
+    csv_path.write_text("subject,cortex\nx,1\ny,-3\n")
+    with pytest.raises(ValueError, match=r"s\.csv: column 'cortex', subject 'y': volume -3"):
+        dm.read_synthseg_csv(csv_path)
+    labels = np.zeros((8, 8, 8), np.int16)
+    labels[2:4, 2:4, 2:4] = 256
+    (tmp_path / "lab").mkdir()
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "lab" / "p_labels.nii.gz"))
+    with pytest.raises(ValueError, match=r"p_labels\.nii\.gz: label values must be integers in 0\.\.10 .*found 0\.\.256"):
+        dm.load_volume_table(tmp_path / "lab")
+    image = np.zeros((8, 8, 8), np.float32)
+    image[0, 0, 0] = np.nan
+    (tmp_path / "img").mkdir()
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "img" / "p.nii.gz"))
+    with pytest.raises(ValueError, match=r"p\.nii\.gz has NaN or infinite values"):  # load_nifti's check
+        dm.load_volume_table(tmp_path / "img")
