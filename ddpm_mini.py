@@ -998,7 +998,13 @@ def weights_file(path) -> pathlib.Path:
 def _device(device=None) -> torch.device:
     """The device to run on: as given, else CUDA when available, else the CPU. Under torchrun
     (WORLD_SIZE > 1) a CUDA device without an index becomes this process's GPU (LOCAL_RANK)."""
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here (torch "
+                         f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu")
     if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -2520,12 +2526,50 @@ def show_volumes(volumes: dict, index=None, title=None, fig=None):
 # === 12. Command line ================================================================================
 
 
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite `kind` (int or float) in the range lo..hi (ends excluded when
+    *_open); anything else is refused at parse time, naming the option and the range."""
+    bounds = ("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}") + ", " + \
+        ("inf" if hi is None else f"{hi:g}") + (")" if hi_open or hi is None else "]")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or \
+                (hi is not None and (value >= hi if hi_open else value > hi)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    parse.__name__ = f"{'integer' if kind is int else 'number'} in {bounds}"
+    return parse
+
+
+_COUNT, _SIZE = _number(int, 1), _number(int, 2)          # at least one; a volume side (>= 2 voxels)
+
+
+def _writable_folder(folder, what: str) -> pathlib.Path:
+    """Make sure `folder` is (or can become) a folder this process can write into, before any long
+    work: a file in its place, or a folder without write permission, is a one-line error."""
+    folder = pathlib.Path(folder)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # nothing is created here
+    if not existing.is_dir():
+        raise ValueError(f"{what} {folder} is a file, not a folder" if existing == folder else
+                         f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"{what} {folder}: cannot write there ({existing} is not writable)")
+    return folder
+
+
 def _cmd_sample(args) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: sample i on rank i % world
     device = _device(args.device)
     if args.weights:
         model, meta = load_model(_weights_source(args.weights), device)
         prediction = canonical_prediction(args.prediction or meta.get("prediction") or "")
+        if meta.get("prediction") and prediction != meta["prediction"]:
+            raise ValueError(f"sample: --prediction {prediction} contradicts --weights {args.weights}, trained for "
+                             f"{meta['prediction']}; leave --prediction out (the file says what it predicts)")
     else:
         if not args.prediction:
             raise ValueError("sample: give --prediction (pretrained MedForj) or --weights FILE")
@@ -2537,12 +2581,15 @@ def _cmd_sample(args) -> int:
     if args.paper_era:
         args.spacing = "leading"
     steps = timestep_pairs(args.steps, args.spacing, schedule)  # validate before any work
-    outputs = ([pathlib.Path(args.out)] if args.n == 1 and not args.out_dir else
+    if args.out and (args.out_dir or args.n > 1):
+        raise ValueError(f"sample: --out names one file; for {args.n} sample(s) in a folder give --out-dir, not --out")
+    outputs = ([pathlib.Path(args.out or "sample.nii.gz")] if args.n == 1 and not args.out_dir else
                [pathlib.Path(args.out_dir or ".") / f"{prediction}_model_seed{args.seed + i:04d}.nii.gz"
                 for i in range(args.n)])
     for path in outputs:
         if not path.name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"sample: the output must be a .nii or .nii.gz file, got {path}")
+        _writable_folder(path.parent, "sample: the output folder")
     print(f"sampling {len(outputs)} x {shape} with the {prediction} model on {device}, "
           f"{len(steps)} {args.spacing} steps, eta {args.eta}" + (", paper-era (raw eps)" if args.paper_era else ""))
     for i, path in enumerate(outputs):
@@ -2587,38 +2634,73 @@ def _sample_parser(sub):
     p.add_argument("--weights", help="a .safetensors/.pt file instead of the pretrained model (ddpm-mini metadata gives its "
                    "U-Net, schedule and training size), a train output or checkpoint folder (its EMA weights), or "
                    "a manifest name such as teaching_flow")
-    p.add_argument("--steps", type=int, default=64, help="DDIM steps (default 64)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default)")
+    p.add_argument("--steps", type=_COUNT, default=64, help="DDIM steps (default 64)")
+    p.add_argument("--eta", type=_number(float, 0), default=0.0, help="DDIM eta >= 0: 0 deterministic (default)")
     p.add_argument("--spacing", choices=SPACINGS, default="linspace",
                    help="timestep grid (default linspace, the authors' current sampler)")
     p.add_argument("--paper-era", action="store_true",
                    help="the paper-era sampler: the leading grid and eps from the raw network output (MONAI's "
                         "older DDIMScheduler); overrides --spacing")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
-    p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
-    p.add_argument("--out", default="sample.nii.gz", help="output file for a single sample")
+    p.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the first sample; sample i uses seed + i")
+    p.add_argument("--n", type=_COUNT, default=1, help="number of samples (default 1)")
+    p.add_argument("--out", help="output file for a single sample (default sample.nii.gz)")
     p.add_argument("--out-dir", help="folder for <prediction>_model_seed<NNNN>.nii.gz (+ .png) files")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
+    p.add_argument("--shape", type=_SIZE, nargs=3, metavar=("D", "H", "W"),
                    help=f"volume size (default: the size --weights was trained at, else {IMAGE_SHAPE}, the published grid)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help="CUDA precision (default float16 autocast; CPU always float32)")
 
 
+def _resume_options(args, ckpt, recipe: dict) -> dict:
+    """train --resume: the run's own settings fill the options left out; an option given with
+    another value than the run's (recorded in its checkpoint) is refused, naming both."""
+    meta = load_model(ckpt, "cpu")[1]
+    unets = {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}
+    run = {"unet": meta["unet"], "size": meta.get("shape"), "seed": int(meta.get("seed", 0)),
+           "batch_size": int(meta["batch_size"]) if "batch_size" in meta else None,
+           "lr": float(meta["lr"]) if "lr" in meta else None}
+    given = {"unet": args.unet, "size": list(args.size) if args.size else None, "seed": args.seed,
+             "batch_size": args.batch_size, "lr": args.lr}
+    def config(name):  # the full config UNet records, built without allocating weights
+        with torch.device("meta"):
+            return UNet(**unets[name]).config
+    same = {"unet": lambda a, b: config(a) == b}
+    for key, value in given.items():
+        if value is not None and run[key] is not None and not same.get(key, lambda a, b: a == b)(value, run[key]):
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"train --resume: {option} {value} differs from the run's {run[key]} (recorded in {ckpt}); "
+                             f"leave {option} out to continue with the run's, or train into a new --out")
+    for key in ("ema_decay", "ema_warmup", "max_grad_norm"):
+        wanted = args.ema_decay if key == "ema_decay" and args.ema_decay is not None else recipe["train"][key]
+        if key in meta and json.loads(meta[key]) != wanted:
+            raise ValueError(f"train --resume: {key} {wanted} (--recipe {args.recipe}) differs from the run's "
+                             f"{json.loads(meta[key])} (recorded in {ckpt}); resume with the recipe the run started with")
+    return {k: run[k] if given[k] is None and run[k] is not None else given[k] for k in given} | {"meta": meta}
+
+
 def _cmd_train(args) -> int:
     out = pathlib.Path(args.out)
     if args.phantoms == bool(args.data):
         raise ValueError("train: give --phantoms or --data DIR (one of them)")
+    _writable_folder(out, "train --out")
     recipe = RECIPES[args.recipe]
+    ckpt = latest_checkpoint(out) if args.resume else None
+    if ckpt:
+        resumed = _resume_options(args, ckpt, recipe)
+        meta = resumed.pop("meta")
+        args.size, args.seed, args.batch_size, args.lr = resumed["size"], resumed["seed"], resumed["batch_size"], resumed["lr"]
+    else:
+        meta = {"unet": {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}[args.unet or "teaching"],
+                "schedule": default_schedule(args.prediction).config()}
+    args.unet, args.seed = args.unet or "teaching", 0 if args.seed is None else args.seed
+    args.batch_size, args.lr = args.batch_size or 2, args.lr or 1e-4
     if args.phantoms:
         data = PhantomDataset(shape=tuple(args.size or TEACHING_SHAPE), seed=args.seed)
     else:
         data = VolumeDataset(args.data, size=args.size, seed=args.seed, recursive=recipe["data"]["recursive"],
                              augment=recipe["data"]["augment"] if args.augment else False)
-    ckpt = latest_checkpoint(out) if args.resume else None
     torch.manual_seed(args.seed)  # the U-Net's initial weights
-    meta = load_model(ckpt, "cpu")[1] if ckpt else {"unet": {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}[args.unet],
-                                                     "schedule": default_schedule(args.prediction).config()}
     model = UNet(**meta["unet"], gradient_checkpointing=args.gradient_checkpointing)
     print(f"training a {'resumed' if ckpt else args.unet} U-Net ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters) for {args.prediction} into {out}" + (f", from {ckpt.name}" if ckpt else ""))
@@ -2641,7 +2723,7 @@ def _train_parser(sub):
     source.add_argument("--phantoms", action="store_true", help="endless synthetic phantoms (phantom(seed + i))")
     source.add_argument("--data", metavar="DIR", help="a folder of preprocessed NIfTI volumes (see preprocess)")
     p.add_argument("--prediction", required=True, help=f"what the U-Net predicts: {', '.join(ALL_PREDICTIONS)}")
-    p.add_argument("--size", type=int, nargs=3, metavar=("D", "H", "W"),
+    p.add_argument("--size", type=_SIZE, nargs=3, metavar=("D", "H", "W"),
                    help=f"volume size (phantoms default {' '.join(map(str, TEACHING_SHAPE))}; --data default: the files' own)")
     p.add_argument("--augment", action="store_true",
                    help="with --data: random flip and affine (augment), as the recipe sets them")
@@ -2649,20 +2731,20 @@ def _train_parser(sub):
                    help="kit (default: EMA 0.999 with warm-up, gradient clipping at 1, +-3 degrees / +-2 voxels / "
                         "+-3%% scale) or medforj (the authors': EMA 0.9998 without warm-up, no clipping, bfloat16, "
                         "+-10 degrees / +-5 voxels with p 0.5, --data searched recursively); see docs/methods.md#recipes")
-    p.add_argument("--unet", choices=("teaching", "medforj"), default="teaching",
+    p.add_argument("--unet", choices=("teaching", "medforj"),
                    help="TEACHING_UNET (default; CPU-sized) or MEDFORJ_UNET (the paper's; needs a GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    p.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
-    p.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this much training time")
-    p.add_argument("--batch-size", type=int, default=2, help="volumes per step and process (default 2)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
-    p.add_argument("--ema-decay", type=float, help="EMA decay (default: the recipe's, 0.999 or 0.9998)")
+    p.add_argument("--steps", type=_COUNT, default=5000, help="total optimizer steps (default 5000)")
+    p.add_argument("--minutes", type=_number(float, 0, lo_open=True), help="stop (with a checkpoint) after this much training time")
+    p.add_argument("--batch-size", type=_COUNT, help="volumes per step and process (default 2; --resume: the run's)")
+    p.add_argument("--lr", type=_number(float, 0, lo_open=True), help="Adam learning rate (default 1e-4, the paper's; --resume: the run's)")
+    p.add_argument("--ema-decay", type=_number(float, 0, 1, hi_open=True), help="EMA decay in [0, 1) (default: the recipe's, 0.999 or 0.9998)")
     p.add_argument("--out", default="run", help="output folder (default ./run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    p.add_argument("--preview-every", type=int, default=0, help="write previews/step_N.png every N steps (0: never)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and noise (default 0)")
+    p.add_argument("--checkpoint-every", type=_COUNT, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--keep", type=_COUNT, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--preview-every", type=_number(int, 0), default=0, help="write previews/step_N.png every N steps (0: never)")
+    p.add_argument("--seed", type=_number(int, 0), help="seed of the initial weights, data order and noise (default 0; --resume: the run's)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="CUDA autocast (default: the recipe's; kit: bfloat16 where supported, else float16); CPU is float32")
@@ -2694,8 +2776,7 @@ def _fetch_parser(sub):
 
 def _cmd_demo(args) -> int:
     out, size, prediction = pathlib.Path(args.out), tuple(args.size), canonical_prediction(args.prediction)
-    if args.n < 1 or args.sample_steps < 1 or (args.minutes is not None and args.minutes <= 0):
-        raise ValueError("demo: --n and --sample-steps must be >= 1 and --minutes > 0")
+    _writable_folder(out, "demo --out")
     models, shipped = {}, f"teaching_{prediction}"
     if not args.pretrained:
         print(f"demo: training TEACHING_UNET ({prediction}) on {size} phantoms for up to {args.minutes} min "
@@ -2745,24 +2826,25 @@ def _cmd_demo(args) -> int:
 def _demo_parser(sub):
     p = _subcommand(sub, "demo", "train a small model on phantoms for a few minutes (a CPU will do), then sample it and "
                     "the shipped teaching model from the same noise and compare tissue volumes with the truth")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    p.add_argument("--minutes", type=_number(float, 0, lo_open=True), default=4.0, help="training time budget (default 4)")
     p.add_argument("--pretrained", action="store_true",
                    help="no training: sample the shipped teaching model only (well-formed phantoms in about a minute)")
     p.add_argument("--prediction", default="flow", help="noise, sample, velocity or flow (default flow)")
-    p.add_argument("--n", type=int, default=4, help="samples per model (default 4)")
+    p.add_argument("--n", type=_COUNT, default=4, help="samples per model (default 4)")
     p.add_argument("--out", default="demo", help="output folder (default ./demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     advanced = p.add_argument_group("advanced (tests, tuning)")
-    advanced.add_argument("--size", type=int, nargs=3, default=TEACHING_SHAPE, metavar=("D", "H", "W"),
+    advanced.add_argument("--size", type=_SIZE, nargs=3, default=TEACHING_SHAPE, metavar=("D", "H", "W"),
                           help=f"phantom size (default {' '.join(map(str, TEACHING_SHAPE))}, the shipped models'; "
                                "multiples of 4)")
-    advanced.add_argument("--steps", type=int, default=100_000, help="training steps cap, over all runs (default 100000)")
-    advanced.add_argument("--batch-size", type=int, default=2, help="volumes per step (default 2)")
-    advanced.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, the teaching recipe)")
-    advanced.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per sample (default 20)")
+    advanced.add_argument("--steps", type=_COUNT, default=100_000, help="training steps cap, over all runs (default 100000)")
+    advanced.add_argument("--batch-size", type=_COUNT, default=2, help="volumes per step (default 2)")
+    advanced.add_argument("--lr", type=_number(float, 0, lo_open=True), default=1e-3, help="Adam learning rate (default 1e-3, the teaching recipe)")
+    advanced.add_argument("--sample-steps", type=_COUNT, default=20, help="DDIM steps per sample (default 20)")
 
 
 def _cmd_preprocess(args) -> int:
+    _writable_folder(pathlib.Path(args.output).parent, "preprocess: the output folder")
     img = preprocess(args.input, args.mask)
     _atomic_write(pathlib.Path(args.output), lambda tmp: nib.save(img, str(tmp)))
     centre = _head_centre(np.asarray(img.dataobj, np.float32))
@@ -2807,8 +2889,8 @@ def _evaluate_parser(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="writes volumes.csv and volumes.png here")
     p.add_argument("--structures", nargs="+", default=None, help="default: all structures the sets share")
     p.add_argument("--merge-lr", action="store_true", help="sum left and right structures first")
-    p.add_argument("--permutations", type=int, default=10000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--permutations", type=_COUNT, default=10000, help="relabellings per test (default 10000)")
+    p.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the relabellings (default 0)")
     p.add_argument("--correction", choices=("holm", "fdr"), default="holm")
 
 

@@ -3,6 +3,8 @@ dm.main([...]) (and, where it matters, `python ddpm_mini.py` itself): help, main
 handling, sample, train and demo, fetch, preprocess, evaluate."""
 import csv
 import hashlib
+import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -73,7 +75,7 @@ def test_main_reports_expected_errors_and_nothing_else(tmp_path, monkeypatch, cl
         dm.main(["fetch", "--list"])
     with pytest.raises(SystemExit) as exit_:
         dm.main(["sample", "--steps", "many"])
-    assert exit_.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --steps: 'many' is not an integer" in capsys.readouterr().err
 
 
 # --- sample ---------------------------------------------------------------------------------------
@@ -307,10 +309,8 @@ def test_cli_demo_pretrained(tmp_path, shipped_kit, capsys, monkeypatch):
     assert _volume_table(capsys.readouterr().out)[0] == ["structure", "phantoms (8, truth)", "shipped (7 steps): 1 samples"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["shipped_0.nii.gz", "shipped_0.png"]
     assert dm.latest_checkpoint(out) is None                          # nothing trained
-    for bad, message in ((["--size", "16", "16", "8"], "trained at another size; drop --size"),
-                         (["--n", "0"], "--n and --sample-steps must be >= 1")):
-        assert dm.main(["demo", "--pretrained", "--out", str(tmp_path / "bad"), *bad]) == 1
-        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert dm.main(["demo", "--pretrained", "--out", str(tmp_path / "bad"), "--size", "16", "16", "8"]) == 1
+    assert "trained at another size; drop --size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     shipped_kit.unlink()                                               # no weights/ copy and no network
     monkeypatch.setenv("DDPM_MINI_MIRROR", str(tmp_path / "empty"))
     assert dm.main(["demo", "--pretrained", "--size", "16", "16", "16", "--out", str(tmp_path / "off")]) == 1
@@ -515,3 +515,83 @@ def test_cli_evaluate_refuses_a_set_name_given_twice(tmp_path, capsys):
     args = ["evaluate", "--real", str(tmp_path / "real.csv"), "--out", str(tmp_path / "report"), "--synthetic"]
     assert dm.main(args + [f"a={tmp_path / 'x.csv'}", f"a={tmp_path / 'y.csv'}"]) == 1
     assert "the set name 'a' is given twice" in capsys.readouterr().err and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "--n", "0"], "argument --n: 0 is outside [1, inf)"),
+    (["sample", "--n", "-3"], "argument --n: -3 is outside [1, inf)"),
+    (["sample", "--steps", "two"], "argument --steps: 'two' is not an integer"),
+    (["sample", "--eta", "inf"], "argument --eta: inf is outside [0, inf)"),
+    (["sample", "--eta", "-0.5"], "argument --eta: -0.5 is outside [0, inf)"),
+    (["sample", "--shape", "0", "0", "0"], "argument --shape: 0 is outside [2, inf)"),
+    (["train", "--phantoms", "--prediction", "flow", "--ema-decay", "-1"], "argument --ema-decay: -1 is outside [0, 1)"),
+    (["train", "--phantoms", "--prediction", "flow", "--ema-decay", "1"], "argument --ema-decay: 1 is outside [0, 1)"),
+    (["train", "--phantoms", "--prediction", "flow", "--preview-every", "-1"], "argument --preview-every: -1 is outside [0, inf)"),
+    (["train", "--phantoms", "--prediction", "flow", "--lr", "0"], "argument --lr: 0 is outside (0, inf)"),
+    (["train", "--phantoms", "--prediction", "flow", "--lr", "nan"], "argument --lr: nan is outside (0, inf)"),
+    (["demo", "--n", "0"], "argument --n: 0 is outside [1, inf)"),
+    (["demo", "--minutes", "0"], "argument --minutes: 0 is outside (0, inf)"),
+    (["evaluate", "--real", "r.csv", "--synthetic", "a=b.csv", "--out", "o", "--permutations", "0"],
+     "argument --permutations: 0 is outside [1, inf)"),
+])
+def test_numeric_options_are_range_checked_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        dm.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sample_refuses_out_for_several_samples_and_unusable_devices(tmp_path, tiny_weights, capsys, monkeypatch):
+    """--out names one file: with --n 2 (or --out-dir) it is refused, not silently written elsewhere. A device
+    torch does not know, or CUDA where there is none, is a one-line error."""
+    monkeypatch.chdir(tmp_path)
+    assert dm.main(["sample", "--weights", str(tiny_weights), "--n", "2", "--out", str(tmp_path / "d" / "x.nii.gz")]) == 1
+    assert "--out names one file; for 2 sample(s) in a folder give --out-dir" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]
+    assert dm.main(["sample", "--weights", str(tiny_weights), "--prediction", "v"]) == 1      # a flow file
+    assert "--prediction velocity contradicts --weights" in capsys.readouterr().err
+    assert dm.main(["sample", "--weights", str(tiny_weights), "--device", "banana"]) == 1
+    assert "unknown device 'banana': use cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dm.main(["sample", "--weights", str(tiny_weights), "--device", "cuda"]) == 1
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_cli_train_resume_refuses_other_settings_and_keeps_the_runs(tmp_path, capsys):
+    """train --resume: a setting given with another value than the run's is refused (naming both); left out, the
+    run's own is used (here lr 2e-3, batch 1, seed 3 and its grid continue without being repeated)."""
+    out = tmp_path / "run"
+    base = ["train", "--phantoms", "--prediction", "flow", "--out", str(out)]
+    assert dm.main(base + ["--size", "16", "16", "16", "--batch-size", "1", "--lr", "2e-3", "--seed", "3", "--steps", "1"]) == 0
+    for extra, message in ((["--lr", "1e-3"], "--lr 0.001 differs from the run's 0.002"),
+                           (["--batch-size", "2"], "--batch-size 2 differs from the run's 1"),
+                           (["--seed", "0"], "--seed 0 differs from the run's 3"),
+                           (["--size", "16", "16", "8"], "--size [16, 16, 8] differs from the run's [16, 16, 16]"),
+                           (["--unet", "medforj"], "--unet medforj differs from the run's"),
+                           (["--recipe", "medforj"], "ema_decay 0.9998 (--recipe medforj) differs from the run's 0.999")):
+        capsys.readouterr()
+        assert dm.main(base + ["--resume", "--steps", "2", *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert f"train --resume: {message}" in err and "step_000001" in err, err
+    assert dm.latest_checkpoint(out).name == "step_000001"                # nothing was trained by the refusals
+    assert dm.main(base + ["--resume", "--steps", "2", "--lr", "2e-3", "--unet", "teaching"]) == 0   # same values: fine
+    meta = dm.load_model(out)[1]
+    assert (meta["step"], meta["lr"], meta["batch_size"], meta["seed"], meta["shape"]) == ("2", "0.002", "1", "3", [16, 16, 16])
+
+
+def test_cli_outputs_are_checked_before_any_work(tmp_path, tiny_weights, capsys):
+    """A file where an output folder should be, or a folder that cannot be written, fails at once."""
+    (tmp_path / "file").write_text("x")
+    cases = [(["train", "--phantoms", "--prediction", "flow", "--out", str(tmp_path / "file")], "train --out"),
+             (["sample", "--weights", str(tiny_weights), "--out", str(tmp_path / "file" / "s.nii.gz")],
+              "sample: the output folder"),
+             (["demo", "--out", str(tmp_path / "file")], "demo --out")]
+    for argv, what in cases:
+        assert dm.main(argv) == 1
+        assert f"error: {what} {tmp_path / 'file'}" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    real_access = os.access                                               # root may write anyway: ask as a user would
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dm.os, "access", lambda p, mode: real_access(p, mode) and pathlib.Path(p) != locked)
+        assert dm.main(["train", "--phantoms", "--prediction", "flow", "--out", str(locked / "run")]) == 1
+    assert f"cannot write there ({locked} is not writable)" in capsys.readouterr().err and not (locked / "run").exists()
