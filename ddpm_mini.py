@@ -38,6 +38,8 @@ import argparse
 import copy
 import csv
 import dataclasses
+import gzip
+import inspect
 import itertools
 import json
 import math
@@ -51,6 +53,8 @@ import sysconfig
 import tempfile
 import time
 import warnings
+import zipfile
+import zlib
 from urllib.parse import urlparse
 
 import nibabel as nib
@@ -910,8 +914,12 @@ def _read_state_dict(path) -> tuple:
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as err:  # safetensors' own error type for empty, truncated or foreign files
+            raise ValueError(f"{path} is not a readable .safetensors file (empty, cut short, or another format "
+                             f"renamed?): {err}") from None
     if path.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
         raise ValueError(f"unsupported weights file {path.name!r}: use .safetensors, .pt, .pth, .ckpt or .bin")
     try:
@@ -972,12 +980,33 @@ def load_model(path, device=None) -> tuple:
     default_schedule(the file's prediction, if it names one)."""
     path = weights_file(path)
     state, metadata = _read_state_dict(path)
-    meta = {k: (json.loads(v) if k in ("unet", "schedule", "shape") and isinstance(v, str) else v)
-            for k, v in metadata.items()}
+    try:
+        meta = {k: (json.loads(v) if k in ("unet", "schedule", "shape") and isinstance(v, str) else v)
+                for k, v in metadata.items()}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its unet/schedule/shape metadata is not valid JSON ({err})") from None
     meta.setdefault("schedule", default_schedule(meta.get("prediction")).config())
+    _check_unet_config(meta.get("unet", MEDFORJ_UNET), state, path)
     model = UNet(**meta.get("unet", MEDFORJ_UNET))
     _load_state(model, state, path.name)
     return model.to(_device(device)).eval(), meta
+
+
+def _check_unet_config(config, state: dict, path) -> None:
+    """Refuse a "unet" entry that is not UNet keywords, or that describes more parameters than the
+    file holds (an absurd config would otherwise allocate gigabytes before failing)."""
+    allowed = set(inspect.signature(UNet).parameters) - {"gradient_checkpointing", "fast"}
+    if not isinstance(config, dict) or set(config) - allowed:
+        unknown = sorted(set(config) - allowed) if isinstance(config, dict) else config
+        raise ValueError(f"{path}: its 'unet' metadata must be UNet keywords ({', '.join(sorted(allowed))}); got {unknown!r}")
+    try:
+        with torch.device("meta"):
+            wanted = sum(p.numel() for p in UNet(**config).parameters())
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: its 'unet' metadata {config} does not describe a U-Net ({err})") from None
+    held = sum(v.numel() for v in state.values())
+    if wanted > held:
+        raise ValueError(f"{path}: its 'unet' metadata describes {wanted:,} parameters, the file holds {held:,}")
 
 
 def weights_file(path) -> pathlib.Path:
@@ -1204,7 +1233,7 @@ def _as_volume(x, what: str) -> tuple:
     Leading axes of size 1 and a trailing 4th axis of size 1 are squeezed; other shapes and
     NaN/inf raise a ValueError."""
     if isinstance(x, (str, os.PathLike)):
-        x = nib.load(str(x))
+        return load_nifti(x)
     if hasattr(x, "dataobj") and hasattr(x, "affine"):
         arr, affine = np.asarray(x.dataobj, dtype=np.float32), np.asarray(x.affine, dtype=np.float64)
     else:
@@ -1221,8 +1250,12 @@ def _as_volume(x, what: str) -> tuple:
 
 
 def load_nifti(path) -> tuple:
-    """Read a NIfTI file: returns (array float32 (X, Y, Z), affine (4, 4) float64)."""
-    return _as_volume(nib.load(str(path)), str(path))
+    """Read a NIfTI file: returns (array float32 (X, Y, Z), affine (4, 4) float64). A truncated or
+    corrupt file is a ValueError naming it."""
+    try:
+        return _as_volume(nib.load(str(path)), str(path))
+    except (EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
+        raise ValueError(f"{path}: cannot read this NIfTI file (truncated or corrupt: {err})") from None
 
 
 def normalize_intensity(array) -> torch.Tensor:
@@ -1694,10 +1727,33 @@ def _diverged(step: int, loss, grad_norm, x0, lr: float, checkpoint) -> str:
 
 def latest_checkpoint(out) -> pathlib.Path | None:
     """The newest complete checkpoint folder out/checkpoints/step_NNNNNN, or None.
-    Folders still named step_NNNNNN.tmp (a write that never finished) do not count."""
-    folders = [p for p in (pathlib.Path(out) / "checkpoints").glob("step_*")
-               if p.is_dir() and p.name[5:].isdigit() and (p / "state.pt").exists()]
-    return max(folders, key=lambda p: int(p.name[5:]), default=None)
+    Folders still named step_NNNNNN.tmp (a write that never finished) do not count, nor do
+    folders whose files cannot be read (a damaged disk, a truncated copy): a warning names them
+    and the previous checkpoint is used."""
+    folders = sorted((p for p in (pathlib.Path(out) / "checkpoints").glob("step_*")
+                      if p.is_dir() and p.name[5:].isdigit() and (p / "state.pt").exists()),
+                     key=lambda p: int(p.name[5:]), reverse=True)
+    for folder in folders:
+        problem = _unreadable_checkpoint(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"{folder} cannot be used ({problem}); trying the checkpoint before it", stacklevel=2)
+    return None
+
+
+def _unreadable_checkpoint(folder: pathlib.Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when its three files open: the
+    safetensors headers parse and fit their files, and state.pt's zip directory reads (a cut-short
+    file fails both; no tensor is loaded here)."""
+    try:
+        for name in ("model.safetensors", "ema.safetensors"):
+            with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+                list(f.keys())
+        with zipfile.ZipFile(folder / "state.pt") as z:
+            z.namelist()
+    except Exception as err:  # truncated files, another format, missing files
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return None
 
 
 def _checkpoint_to_resume(out, resume: bool) -> pathlib.Path | None:
@@ -1891,6 +1947,8 @@ def _save_checkpoint(out: pathlib.Path, step: int, model, ema, state: dict, keep
         save_weights(model, tmp / "model.safetensors", step=step, **metadata)
         save_weights(ema, tmp / "ema.safetensors", step=step, ema=True, **metadata)
         _atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
+        if final.exists():  # a damaged checkpoint of this step that resume skipped (the one before it is kept)
+            shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1978,8 +2036,21 @@ def read_synthseg_csv(path) -> dict:
     return _volume_table([r[0].strip() for r in rows[1:]], dict(zip(names, values.T)), str(path))
 
 
+def _cell(value):
+    """A CSV cell that a spreadsheet will not run: text starting with =, +, -, @ (or a tab or CR)
+    gets a leading apostrophe; numbers (-1234.5 included) are written as they are."""
+    if not isinstance(value, str) or value[:1] not in ("=", "+", "-", "@", "\t", "\r"):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def write_table_csv(table, path) -> pathlib.Path:
-    """Write a volume table (subject + structure columns) or a result (list of dict rows) as CSV."""
+    """Write a volume table (subject + structure columns) or a result (list of dict rows) as CSV.
+    Text cells that a spreadsheet would read as a formula are prefixed with an apostrophe."""
     if isinstance(table, dict):
         body = [["subject", *table["volumes"]]]
         body += [[s, *(repr(float(v[i])) for v in table["volumes"].values())] for i, s in enumerate(table["subject"])]
@@ -1989,7 +2060,7 @@ def write_table_csv(table, path) -> pathlib.Path:
 
     def write(tmp):
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(body)
+            csv.writer(f).writerows([[_cell(c) for c in row] for row in body])
     _atomic_write(pathlib.Path(path), write)
     return pathlib.Path(path)
 

@@ -369,3 +369,14 @@ def test_phantom_dataset():
     assert b1.shape == (2, 1, 32, 32, 32) and b1.dtype == torch.float32
     assert b0.min() >= -1 and b1.max() <= 1 and not torch.equal(b0, b1)
     assert torch.equal(b1[1], dm.PhantomDataset(shape=(32, 32, 32), augment=True)[3])  # deterministic
+
+
+def test_a_truncated_nifti_is_a_clear_error(tmp_path, capsys):
+    path = dm.save_nifti(dm.phantom(0, (16, 16, 16))[0], tmp_path / "full.nii.gz")
+    data = path.read_bytes()
+    for cut in (200, len(data) // 2):                           # inside the header; inside the voxels
+        (tmp_path / "cut.nii.gz").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"cut\.nii\.gz: cannot read this NIfTI file \(truncated or corrupt"):
+            dm.load_nifti(tmp_path / "cut.nii.gz")
+    assert dm.main(["preprocess", str(tmp_path / "cut.nii.gz"), str(tmp_path / "out.nii.gz")]) == 1
+    assert "cannot read this NIfTI file" in capsys.readouterr().err and not (tmp_path / "out.nii.gz").exists()

@@ -2,6 +2,7 @@
 CSVs, statistics, the text table, the comparison report, phantom segmentation
 (docs/methods.md#phantom-segmenter), Dice and regional volumes. The evaluate command: test_cli.py.
 (The lessons' image checks, histograms, SSIM and diversity, live in notebooks/lab.py: test_lab.py.)"""
+import csv
 import math
 import time
 
@@ -413,3 +414,11 @@ def test_statistics_refuse_bad_numbers_duplicates_and_bad_label_files(tmp_path):
     nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "img" / "p.nii.gz"))
     with pytest.raises(ValueError, match=r"p\.nii\.gz has NaN or infinite values"):  # load_nifti's check
         dm.load_volume_table(tmp_path / "img")
+
+
+def test_volume_csv_cells_cannot_become_spreadsheet_formulas(tmp_path):
+    table = _table(["=cmd|' /C calc'!A0", "+A1", "plain"], **{"@sum(a1)": [1.0, 2.0, 3.0], "-x": [1.0, 1.0, 1.0]})
+    path = dm.write_table_csv(table, tmp_path / "v.csv")
+    rows = list(csv.reader(open(path, newline="")))
+    assert rows[0] == ["subject", "'@sum(a1)", "'-x"]
+    assert [r[0] for r in rows[1:]] == ["'=cmd|' /C calc'!A0", "'+A1", "plain"] and rows[1][1] == "1.0"

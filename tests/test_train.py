@@ -335,3 +335,17 @@ def test_a_diverging_run_stops_before_the_bad_update_and_keeps_its_checkpoints(t
     with pytest.raises(ValueError, match=r"not finite \(lr 10000 may be too high\).*none written in this run"):
         dm.train(dm.UNet(**TINY_UNET), dm.PhantomDataset(shape=(16, 16, 16)), "flow", 30, batch_size=2, lr=1e4,
                  max_grad_norm=None, progress=False)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path):
+    """A cut-short state.pt in the newest checkpoint: resume warns, continues from the one before, and ends
+    where a straight run ends (exact resume is kept)."""
+    straight = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 4, keep=3)
+    state = tmp_path / "b" / "checkpoints" / "step_000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=r"step_000004 cannot be used .*trying the checkpoint before it"):
+        assert dm.latest_checkpoint(tmp_path / "b").name == "step_000002"
+    with pytest.warns(UserWarning, match="step_000004 cannot be used"):
+        resumed = run(tmp_path / "b", 6, resume=True)
+    assert same(straight.model, resumed.model) and resumed.history == straight.history

@@ -170,8 +170,9 @@ def test_device_choice_and_torchrun(monkeypatch):
     without an index becomes this process's GPU (LOCAL_RANK)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # as on a GPU machine (nothing runs there)
     assert dm._device("cpu") == torch.device("cpu") and dm._device("cuda") == torch.device("cuda")
-    assert dm._device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert dm._device() == torch.device("cuda")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert dm._device("cuda") == torch.device("cuda", 1) and dm._device(torch.device("cuda")) == torch.device("cuda", 1)
@@ -370,3 +371,23 @@ def test_load_pretrained_through_the_manifest(tmp_path, http_server, monkeypatch
         model = dm.load_pretrained("flow", device="cpu")
     assert not model.training
     assert torch.equal(model.middle_block.attention.attn.to_q.weight, reference.middle_block.attention.attn.to_q.weight)
+
+
+def test_damaged_or_foreign_weights_files_are_clear_errors(tmp_path):
+    """Empty, cut-short and renamed files, and metadata that is not JSON, names unknown keywords or asks for a
+    far larger U-Net than the file holds (which would allocate gigabytes), are ValueErrors naming the file."""
+    good = dm.save_weights(randomize(dm.UNet(**TINY_UNET), seed=1), tmp_path / "good.safetensors", prediction="flow")
+    data = good.read_bytes()
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "short.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.safetensors")          # another format, renamed
+    for name in ("empty", "short", "pickle"):
+        with pytest.raises(ValueError, match=f"{name}.safetensors is not a readable .safetensors file"):
+            dm.load_model(tmp_path / f"{name}.safetensors")
+    state = {k: v.contiguous() for k, v in dm.UNet(**TINY_UNET).state_dict().items()}
+    for unet, message in (("{not json", "its unet/schedule/shape metadata is not valid JSON"),
+                          (json.dumps(dict(TINY_UNET, colour="red")), r"its 'unet' metadata must be UNet keywords .*got \['colour'\]"),
+                          (json.dumps(dict(TINY_UNET, channels=[4096, 8192])), "its 'unet' metadata describes .* parameters, the file holds")):
+        save_file(state, str(tmp_path / "bad.safetensors"), metadata={"unet": unet})
+        with pytest.raises(ValueError, match=f"bad.safetensors: {message}"):
+            dm.load_model(tmp_path / "bad.safetensors")
