@@ -834,8 +834,8 @@ def sample(model, prediction: str, shape=None, noise=None, steps: int = 64, eta:
     """
     prediction = canonical_prediction(prediction)
     schedule = _schedule(schedule, prediction)
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if not 0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     pairs = timestep_pairs(steps, spacing, schedule)
     device = next(model.parameters()).device
     if noise is None:
@@ -1387,6 +1387,12 @@ PHANTOM_DISTRIBUTIONS = {
     "noise_sd": ("uniform", 0.01, 0.04),        # Gaussian noise sd, in [-1, 1] units
 }
 
+#: The values a fixed phantom parameter may take (wider than the draws, narrow enough that the
+#: nested structures stay inside each other and inside the grid's field of view).
+_PHANTOM_RANGES = {"head_scale": (0.8, 1.2), "atrophy": (0.0, 1.0), "ventricle_scale": (0.5, 2.0),
+                   "cortex_mm": (5.0, 15.0), "fold_amplitude": (0.0, 0.2), "rotation_deg": (-15.0, 15.0),
+                   "shift_mm": (-15.0, 15.0), "bias_amplitude": (0.0, 0.5), "noise_sd": (0.0, 0.2)}
+
 # Reference anatomy (mm, head frame: +x left, +y posterior, +z superior, origin at the head centre).
 _HEAD_SEMI = np.array([74.0, 90.0, 78.0])            # outer scalp ellipsoid
 _SCALP_MM, _SKULL_MM, _CSF_MM = 5.0, 6.0, 1.5        # layers inside it
@@ -1423,6 +1429,12 @@ def phantom(seed, shape=(64, 64, 64), voxel_mm=None, **params) -> tuple:
     unknown = sorted(set(params) - set(PHANTOM_DISTRIBUTIONS))
     if unknown:
         raise ValueError(f"phantom: unknown parameter(s) {unknown}; allowed: {', '.join(PHANTOM_DISTRIBUTIONS)}")
+    for key, value in params.items():
+        lo, hi = _PHANTOM_RANGES[key]
+        v = np.asarray(value, dtype=float)
+        if v.shape not in ((), (3,) if key in ("rotation_deg", "shift_mm") else ()) or not ((lo <= v) & (v <= hi)).all():
+            raise ValueError(f"phantom: {key}={value!r} is outside what the anatomy allows, [{lo:g}, {hi:g}]"
+                             + (" (one number or three)" if key in ("rotation_deg", "shift_mm") else ""))
     if len(shape) != 3 or min(shape) < 2:
         raise ValueError(f"phantom: shape must be 3 sizes >= 2, got {shape}")
     rng = np.random.default_rng(seed)
@@ -1902,6 +1914,9 @@ def _batches(elements, batch_size: int, dims: int):
         if x.ndim == dims + 2:
             yield x, 1
         elif x.ndim == dims + 1:
+            if items and x.shape != items[0].shape:
+                raise ValueError(f"train: data items of different shapes, {tuple(items[0].shape)} and "
+                                 f"{tuple(x.shape)}, cannot share a batch; resize them to one size (CLI: --size)")
             items.append(x)
             if len(items) == batch_size:
                 yield torch.stack(items), batch_size

@@ -380,3 +380,13 @@ def test_a_truncated_nifti_is_a_clear_error(tmp_path, capsys):
             dm.load_nifti(tmp_path / "cut.nii.gz")
     assert dm.main(["preprocess", str(tmp_path / "cut.nii.gz"), str(tmp_path / "out.nii.gz")]) == 1
     assert "cannot read this NIfTI file" in capsys.readouterr().err and not (tmp_path / "out.nii.gz").exists()
+
+
+def test_fixed_phantom_parameters_are_range_checked():
+    dm.phantom(0, (16, 16, 16), rotation_deg=[1.0, -2.0, 3.0], atrophy=1.0, noise_sd=0.0)      # allowed
+    for params, message in ((dict(atrophy=5), r"atrophy=5 is outside what the anatomy allows, \[0, 1\]"),
+                            (dict(head_scale=-1), r"head_scale=-1 is outside .* \[0\.8, 1\.2\]"),
+                            (dict(rotation_deg=[0, 0]), r"rotation_deg=\[0, 0\] .*\(one number or three\)"),
+                            (dict(noise_sd=float("nan")), "noise_sd=nan is outside")):
+        with pytest.raises(ValueError, match=message):
+            dm.phantom(0, (16, 16, 16), **params)

@@ -200,8 +200,9 @@ def test_sampler_bad_inputs():
     model = Toy()
     with pytest.raises(ValueError, match="unknown prediction"):
         dm.sample(model, "score", shape=(1, 1, 2, 2, 2), progress=False)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
-        dm.sample(model, "flow", shape=(1, 1, 2, 2, 2), eta=-1, progress=False)
+    for eta in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            dm.sample(model, "flow", shape=(1, 1, 2, 2, 2), eta=eta, progress=False)
     with pytest.raises(ValueError, match="disagrees"):
         dm.sample(model, "flow", shape=(1, 1, 2, 2, 2), noise=torch.zeros(1, 1, 3, 3, 3), progress=False)
     with pytest.raises(ValueError, match="for CUDA"):

@@ -349,3 +349,9 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="step_000004 cannot be used"):
         resumed = run(tmp_path / "b", 6, resume=True)
     assert same(straight.model, resumed.model) and resumed.history == straight.history
+
+
+def test_items_of_different_shapes_are_refused_by_name():
+    items = [torch.zeros(1, 16, 16, 16), torch.zeros(1, 16, 16, 8)]
+    with pytest.raises(ValueError, match=r"data items of different shapes, \(1, 16, 16, (16|8)\) and \(1, 16, 16, (8|16)\)"):
+        dm.train(dm.UNet(**TINY_UNET), items, "flow", 1, batch_size=2, progress=False)
