@@ -1178,6 +1178,9 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
                       "is recorded at the first download and checked at every later use (trust on first use)", stacklevel=2)
     local = "://" not in url
     downloader = _copy_local if local else pooch.HTTPDownloader(progressbar=progress, timeout=60)
+    for stale in (cache_dir() / name).glob("tmp*"):  # Pooch's temporary of a download that was killed
+        if stale.is_file() and time.time() - stale.stat().st_mtime > 600:
+            stale.unlink()
     try:
         path = pooch.retrieve(url, known_hash, fname=fname, path=cache_dir() / name,
                               downloader=downloader, progressbar=False if local else None)

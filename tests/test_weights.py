@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import stat
+import time
 import warnings
 
 import pytest
@@ -325,6 +326,20 @@ def test_fetch_refuses_a_wrong_size_and_trusts_on_first_use(assets, tmp_path):
     path.write_bytes(b"x" * size)                                   # same size, other bytes
     with pytest.raises(ValueError, match="tofu: the cached file .* is not the one first downloaded"):
         dm.fetch("tofu")
+
+
+def test_fetch_removes_the_temporary_of_a_killed_download(assets):
+    """Pooch streams into a tmp* file beside the target and renames it when complete: a kill leaves only that
+    temporary, which is never served; the next fetch removes it once it is 10 minutes old."""
+    root, base, cache = assets
+    (cache / "a").mkdir(parents=True)
+    stale, fresh = cache / "a" / "tmpkilled", cache / "a" / "tmprunning"
+    for f in (stale, fresh):
+        f.write_bytes(b"alph")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    path = dm.fetch("a")
+    assert path.read_bytes() == (root / "a.bin").read_bytes()
+    assert not stale.exists() and fresh.exists()                   # another process may still be writing that one
 
 
 def test_fetch_errors(assets):
