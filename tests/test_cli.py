@@ -595,3 +595,23 @@ def test_cli_outputs_are_checked_before_any_work(tmp_path, tiny_weights, capsys)
         mp.setattr(dm.os, "access", lambda p, mode: real_access(p, mode) and pathlib.Path(p) != locked)
         assert dm.main(["train", "--phantoms", "--prediction", "flow", "--out", str(locked / "run")]) == 1
     assert f"cannot write there ({locked} is not writable)" in capsys.readouterr().err and not (locked / "run").exists()
+
+
+def test_cli_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    """The disk fills while step 2's checkpoint is written: `error: ...`, exit 1, no traceback; step 1's
+    checkpoint is whole and loadable and nothing half-written is left."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    assert dm.main(["train", "--phantoms", "--prediction", "flow", "--size", "16", "16", "16", "--batch-size", "1",
+                    "--steps", "3", "--checkpoint-every", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: [Errno 28] No space left on device" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
+    assert dm.latest_checkpoint(out).name == "step_000001" and dm.load_model(out)[1]["step"] == "1"
