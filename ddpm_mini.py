@@ -1652,9 +1652,10 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     data: a Dataset or tensor of (C, *S) items (shuffled each epoch), an endless indexable dataset
     (PhantomDataset(n=None)) or any re-iterable of items or (B, C, *S) batches; values in [-1, 1].
     Step k: diffusion_loss with a generator seeded by (seed, rank, k); Adam (lr) after clipping the
-    gradient norm to max_grad_norm (None: off); EMA theta_e <- d theta_e + (1 - d) theta with
-    d = min(ema_decay, (1 + k) / (10 + k)) (ema_warmup=False: d = ema_decay). CUDA autocasts (dtype None: bfloat16 where supported,
-    else float16 with a GradScaler); a CPU runs float32. out: checkpoints every checkpoint_every
+    gradient norm to max_grad_norm (None: off; a non-finite loss or gradient stops the run with a
+    ValueError before the update); EMA theta_e <- d theta_e + (1 - d) theta with d = min(ema_decay,
+    (1 + k) / (10 + k)) (ema_warmup=False: d = ema_decay). CUDA autocasts (dtype None: bfloat16 where
+    supported, else float16 with a GradScaler); a CPU runs float32. out: checkpoints every checkpoint_every
     steps and at the end (the newest `keep`), history.csv, previews every preview_every steps
     (also passed to on_preview(step, x)); None writes nothing. resume=True continues the newest
     checkpoint in out, bit-identical on a CPU. max_minutes stops early, with a checkpoint. Under
