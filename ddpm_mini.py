@@ -1677,11 +1677,10 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     step, position, history, seconds = _restore(ckpt, model, ema, optimizer, scaler, prediction, schedule, rank, world)
     batches = _batches(_elements(data, seed, rank, world, position), batch_size, getattr(model, "spatial_dims", 3))
     writes = out is not None and rank == 0
-    if writes:  # checkpoints a killed run left unfinished
-        for unfinished in (out / "checkpoints").glob("step_*.tmp"):
-            shutil.rmtree(unfinished, ignore_errors=True)
     result = TrainResult(model, ema, history, ckpt if writes else None, out / "history.csv" if writes else None)
     ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))  # (EMA tensor, its source)
+    recorded = dict(prediction=prediction, schedule=schedule, seed=seed, batch_size=batch_size * world, lr=lr,
+                    ema_decay=ema_decay, ema_warmup=ema_warmup, max_grad_norm=max_grad_norm)  # in every checkpoint
     bar = tqdm(total=steps, initial=step, desc=f"training ({prediction})", disable=not progress or rank != 0)
     started = time.perf_counter()
     while step < steps:
@@ -1710,17 +1709,9 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
         stop = stop and step < steps
         if out is not None and (step % checkpoint_every == 0 or step == steps or stop):
             spent = seconds + time.perf_counter() - started
-            state = {"step": step, "data_position": position, "seed": seed, "world_size": world, "seconds": spent,
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "history": torch.tensor(history, dtype=torch.float64), "rng": _gather_rng_states(world)}
-            if writes:
-                result.checkpoint = _save_checkpoint(out, step, model, ema, state, keep, prediction=prediction,
-                                                     schedule=schedule, shape=list(x0.shape[2:]), seed=seed,
-                                                     batch_size=batch_size * world, lr=lr, ema_decay=ema_decay,
-                                                     ema_warmup=ema_warmup, max_grad_norm=max_grad_norm,
-                                                     seconds=round(spent, 1))
-                _write_history(result.history_csv, history)
-            _barrier(world)
+            _write_checkpoint(result, out if writes else None, step, model, ema, optimizer, scaler, keep, world,
+                              {"data_position": position, "seed": seed, "seconds": spent},
+                              dict(recorded, shape=list(x0.shape[2:]), seconds=round(spent, 1)))
         if preview_every and step % preview_every == 0 and rank == 0 and (writes or on_preview is not None):
             _preview(result, out if writes else None, prediction, tuple(x0.shape[1:]), step, preview_steps,
                      schedule, seed, on_preview)
@@ -1731,6 +1722,18 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _write_checkpoint(result: TrainResult, out, step: int, model, ema, optimizer, scaler, keep: int, world: int,
+                      state: dict, metadata: dict) -> None:
+    """Checkpoint `step`: every rank gathers its RNG state, rank 0 (out not None) writes the weights,
+    `state` plus step, optimizer, scaler, loss history and RNG states, and history.csv; all wait."""
+    state = dict(state, step=step, world_size=world, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 history=torch.tensor(result.history, dtype=torch.float64), rng=_gather_rng_states(world))
+    if out is not None:
+        result.checkpoint = _save_checkpoint(out, step, model, ema, state, keep, **metadata)
+        _write_history(result.history_csv, result.history)
+    _barrier(world)
 
 
 def _diverged(step: int, loss, grad_norm, x0, lr: float, checkpoint) -> str:
@@ -1957,10 +1960,12 @@ def _gather_rng_states(world: int) -> list:
 
 
 def _save_checkpoint(out: pathlib.Path, step: int, model, ema, state: dict, keep: int, **metadata) -> pathlib.Path:
-    """Write out/checkpoints/step_NNNNNN via a .tmp folder renamed when complete; keep the newest `keep`."""
+    """Write out/checkpoints/step_NNNNNN via a .tmp folder renamed when complete; keep the newest `keep`.
+    .tmp folders that a killed run left unfinished are removed first."""
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for unfinished in final.parent.glob("step_*.tmp"):
+        shutil.rmtree(unfinished, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         save_weights(model, tmp / "model.safetensors", step=step, **metadata)
