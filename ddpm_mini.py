@@ -35,6 +35,7 @@ Map of the sections (1-7 are the teaching core, read them in order):
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import csv
 import dataclasses
@@ -262,10 +263,10 @@ def _schedule(schedule, prediction=None) -> Schedule:
     """Resolve a public function's schedule argument once, at the edge: None gives
     default_schedule(prediction); rflow and the straight-line schedule only go together."""
     schedule = default_schedule(prediction) if schedule is None else schedule
-    if prediction is not None and (canonical_prediction(prediction) == "rflow") != schedule.continuous:
-        raise ValueError(f"the {canonical_prediction(prediction)} prediction needs "
-                         f"{'a RectifiedFlowSchedule' if schedule.continuous is False else 'a variance-preserving Schedule'}, "
-                         f"got {schedule.config()}")
+    rflow = prediction is not None and canonical_prediction(prediction) == "rflow"
+    if prediction is not None and rflow != schedule.continuous:
+        wanted = "a RectifiedFlowSchedule" if rflow else "a variance-preserving Schedule"
+        raise ValueError(f"the {canonical_prediction(prediction)} prediction needs {wanted}, got {schedule.config()}")
     return schedule
 
 
@@ -1275,12 +1276,20 @@ def to_uint16(x) -> np.ndarray:
     return np.round((np.clip(x, -1, 1) + 1) / 2 * 65535).astype(np.uint16)
 
 
+def grid_affine(shape) -> np.ndarray:
+    """The affine of a volume on the model grid's field of view: LPS, isotropic voxels of
+    224 / max(shape) mm (the longest axis spans IMAGE_SHAPE's 224 mm), origin at voxel 0:
+    LPS_AFFINE (1 mm) for IMAGE_SHAPE, 4.67 mm for TEACHING_SHAPE, as phantom() draws them."""
+    return LPS_AFFINE @ np.diag([*_phantom_voxel_mm(shape), 1.0])
+
+
 def save_nifti(volume, path, affine=None) -> pathlib.Path:
     """Write a volume (X, Y, Z), or (1, X, Y, Z) / (1, 1, X, Y, Z), as uint16 NIfTI, atomically.
     Intensities are min-max scaled over the volume to 0..65535 (the reference generator's
-    convention: a constant volume is written as zeros); affine defaults to LPS_AFFINE."""
+    convention: a constant volume is written as zeros); affine defaults to grid_affine(shape):
+    1 mm LPS on IMAGE_SHAPE, coarser voxels over the same field of view on smaller grids."""
     arr, _ = _as_volume(volume, "save_nifti's volume")
-    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), LPS_AFFINE if affine is None else np.asarray(affine))
+    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), grid_affine(arr.shape) if affine is None else np.asarray(affine))
     img.header.set_xyzt_units("mm")
     return _atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
@@ -2019,7 +2028,7 @@ def _check_table(table: dict, source="a volume table") -> dict:
     """Refuse what would make statistics look meaningful when they are not: volumes that are not
     finite or are negative (named by column and subject), and subjects listed twice."""
     subjects = table["subject"]
-    twice = sorted({s for s in subjects if subjects.count(s) > 1})
+    twice = sorted(s for s, n in collections.Counter(subjects).items() if n > 1)
     if twice:
         raise ValueError(f"{source}: subject(s) {twice} appear more than once; each subject may be counted once")
     for name, v in table["volumes"].items():
@@ -2722,7 +2731,8 @@ def _weights_source(value: str):
 
 
 def _sample_parser(sub):
-    p = _subcommand(sub, "sample", "generate volumes with DDIM (NIfTI, LPS, 1 mm, uint16, + a PNG of three slices); "
+    p = _subcommand(sub, "sample", "generate volumes with DDIM (NIfTI, LPS, uint16, 1 mm on the published grid and coarser voxels over "
+                       "the same field of view on a smaller --shape, + a PNG of three slices); "
                        "under torchrun, sample i is made by rank (i mod WORLD_SIZE)")
     p.add_argument("--prediction", help=f"pretrained MedForj model to fetch ({', '.join(ALL_PREDICTIONS)}; aliases accepted),"
                    " or the prediction of --weights if its metadata lacks it")
@@ -2923,7 +2933,7 @@ def _demo_parser(sub):
                     "the shipped teaching model from the same noise and compare tissue volumes with the truth")
     p.add_argument("--minutes", type=_number(float, 0, lo_open=True), default=4.0, help="training time budget (default 4)")
     p.add_argument("--pretrained", action="store_true",
-                   help="no training: sample the shipped teaching model only (well-formed phantoms in about a minute)")
+                   help="no training: sample the shipped teaching model only")
     p.add_argument("--prediction", default="flow", help="noise, sample, velocity or flow (default flow)")
     p.add_argument("--n", type=_COUNT, default=4, help="samples per model (default 4)")
     p.add_argument("--out", default="demo", help="output folder (default ./demo)")

@@ -178,9 +178,8 @@ def synthseg_csv(path, structures, subjects, seed=0, thalamus_mm3=7000.0):
 
 
 def phantom_affine(shape):
-    """LPS affine with phantom()'s default voxel size for this grid."""
-    v = dm._phantom_voxel_mm(shape)
-    return np.diag([-v[0], -v[1], v[2], 1.0])
+    """LPS affine with phantom()'s default voxel size for this grid (dm.grid_affine, save_nifti's default)."""
+    return dm.grid_affine(shape)
 
 
 def write_phantom_folder(folder, seeds, labels=False, shape=dm.TEACHING_SHAPE, **params):

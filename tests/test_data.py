@@ -101,6 +101,22 @@ def test_nifti_round_trip(tmp_path):
     assert nib.aff2axcodes(default.affine) == ("L", "P", "S") and not np.asarray(default.dataobj).any()
 
 
+def test_saved_volumes_carry_the_voxel_size_of_their_grid(tmp_path):
+    """save_nifti's default affine: 1 mm LPS on IMAGE_SHAPE, 224 / 48 = 4.67 mm on TEACHING_SHAPE (the voxel
+    phantom() draws), origin at voxel 0; so a teaching-grid sample read back by load_volume_table (the
+    evaluate command) gets volumes on the phantoms' scale, not 1 mm voxels' (100x too small)."""
+    np.testing.assert_array_equal(dm.grid_affine(dm.IMAGE_SHAPE), dm.LPS_AFFINE)
+    np.testing.assert_allclose(dm.grid_affine(dm.TEACHING_SHAPE), np.diag([-224 / 48, -224 / 48, 224 / 48, 1]))
+    image, labels = dm.phantom(7, dm.TEACHING_SHAPE)
+    img = nib.load(str(dm.save_nifti(image, tmp_path / "p.nii.gz")))
+    np.testing.assert_allclose(img.header.get_zooms(), [224 / 48] * 3, rtol=1e-6)
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and np.allclose(img.affine[:3, 3], 0)
+    read = dm.load_volume_table(tmp_path)
+    for name in ("white_matter", "cortex", "lateral_ventricles"):
+        truth = dm.phantom_volumes(labels)[name]
+        assert read["volumes"][name][0] == pytest.approx(truth, rel=0.05), name   # the segmenter is exact here
+
+
 # --- preprocess -------------------------------------------------------------------------------
 
 def _world(affine, ijk):
