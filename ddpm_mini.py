@@ -2805,6 +2805,11 @@ def _cmd_train(args) -> int:
     else:
         data = VolumeDataset(args.data, size=args.size, seed=args.seed, recursive=recipe["data"]["recursive"],
                              augment=recipe["data"]["augment"] if args.augment else False)
+    if args.workers:  # the same items in the same order, drawn by worker processes (a GPU outruns one CPU)
+        if not args.phantoms:
+            raise ValueError("train: --workers works with --phantoms only; --data volumes are read in the main process")
+        data = torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.workers, prefetch_factor=4,
+                                           persistent_workers=True)
     torch.manual_seed(args.seed)  # the U-Net's initial weights
     model = UNet(**meta["unet"], gradient_checkpointing=args.gradient_checkpointing)
     print(f"training a {'resumed' if ckpt else args.unet} U-Net ({sum(p.numel() for p in model.parameters()):,} "
@@ -2839,6 +2844,9 @@ def _train_parser(sub):
     p.add_argument("--unet", choices=("teaching", "medforj"),
                    help="TEACHING_UNET (default; CPU-sized) or MEDFORJ_UNET (the paper's; needs a GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--workers", type=_number(int, 0, 64), default=0,
+                   help="with --phantoms: processes drawing phantoms (same items, same order; default 0: the main "
+                        "process). On a GPU one phantom per 15 ms limits the step rate: try 3")
     p.add_argument("--steps", type=_COUNT, default=5000, help="total optimizer steps (default 5000)")
     p.add_argument("--minutes", type=_number(float, 0, lo_open=True), help="stop (with a checkpoint) after this much training time")
     p.add_argument("--batch-size", type=_COUNT, help="volumes per step and process (default 2; --resume: the run's)")

@@ -44,14 +44,14 @@ def checkpoints(run: pathlib.Path) -> list:
     return sorted(done, key=lambda p: int(p.name[5:]))
 
 
-def score_checkpoint(ckpt: pathlib.Path, refs: dict, sample_steps: int) -> dict:
-    model, meta = dm.load_model(ckpt, "cpu")
+def score_checkpoint(ckpt: pathlib.Path, refs: dict, sample_steps: int, device: str = "cpu") -> dict:
+    model, meta = dm.load_model(ckpt, device)
     shape = tuple(meta["shape"])
     if shape not in refs:
         refs[shape] = Reference(shape)
     x = dm.sample(model, meta["prediction"], shape=(4, 1, *shape), steps=sample_steps,
                   schedule=dm.Schedule.from_config(meta["schedule"]), generator=torch.Generator().manual_seed(0),
-                  progress=False)[:, 0].numpy()
+                  progress=False)[:, 0].cpu().numpy()
     ref = refs[shape]
     w1s, dices = [ref.w1(v) for v in x], [ref.tdice(v) for v in x]
     ok = sum(w <= 0.12 and d >= 0.45 for w, d in zip(w1s, dices))
@@ -62,14 +62,15 @@ def score_checkpoint(ckpt: pathlib.Path, refs: dict, sample_steps: int) -> dict:
             "recognisable": ok, "sample_steps": sample_steps}
 
 
-def seconds_per_step(prediction: str, shape: tuple, batch: int, unet: dict, steps: int) -> float:
+def seconds_per_step(prediction: str, shape: tuple, batch: int, unet: dict, steps: int, device: str = "cpu") -> float:
     """dm.train's seconds per step: ((2 + steps)-step run - 2-step run) / steps, fresh model each."""
     times = []
     for n in (2, 2 + steps):
         torch.manual_seed(0)
         model = dm.UNet(**unet)
         start = time.perf_counter()
-        dm.train(model, dm.PhantomDataset(shape=shape), prediction, n, batch_size=batch, lr=1e-3, progress=False)
+        dm.train(model, dm.PhantomDataset(shape=shape), prediction, n, batch_size=batch, lr=1e-3, progress=False,
+                 device=device, dtype=torch.float32)
         times.append(time.perf_counter() - start)
     return (times[1] - times[0]) / steps
 
@@ -94,6 +95,7 @@ def main():
     parser.add_argument("--every", type=int, default=1, help="score every k-th checkpoint only (default 1: all)")
     parser.add_argument("--speed", type=int, default=0, metavar="N", help="time N steps of dm.train per run (0: skip)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    parser.add_argument("--device", default="cpu", help="sample (and time, float32) on this device (default cpu)")
     parser.add_argument("--baselines", action="store_true", help="print the grid's baselines first")
     args = parser.parse_args()
     if args.threads:
@@ -115,7 +117,7 @@ def main():
             key = (run.name, int(ckpt.name[5:]), args.sample_steps)
             if key in seen:
                 continue
-            row = {"run": run.name, **score_checkpoint(ckpt, refs, args.sample_steps)}
+            row = {"run": run.name, **score_checkpoint(ckpt, refs, args.sample_steps, args.device)}
             rows.append(row)
             seen.add(key)
             print(f"{run.name} {ckpt.name}: W1 {row['w1']}, tDice {row['tdice']}, {row['recognisable']}/4", flush=True)
@@ -133,7 +135,7 @@ def main():
                       key=lambda r: int(r["step"]))
         first = next((int(r["step"]) for r in mine if int(r["recognisable"]) >= 3), None)
         best = max(mine, key=lambda r: np.mean([float(d) for d in r["tdice"].split()]), default=None)
-        rate = seconds_per_step(cfg["prediction"], cfg["shape"], cfg["batch"], cfg["unet"], args.speed) if args.speed else None
+        rate = seconds_per_step(cfg["prediction"], cfg["shape"], cfg["batch"], cfg["unet"], args.speed, args.device) if args.speed else None
         minutes = f"{first * rate / 60:8.1f}" if first and rate else (f"> {cfg['steps'] * rate / 60:.0f}" if rate else "")
         print(f"{run.name:22s} {cfg['prediction']:10s} {'x'.join(map(str, cfg['shape'])):9s} {cfg['steps']:6d} "
               f"{first if first else '> ' + str(cfg['steps']):>12} "

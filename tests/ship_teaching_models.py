@@ -11,6 +11,8 @@ change what the model draws: 4 samples (20 DDIM steps, seed 0) from the float32 
 weights must agree within --tolerance (max |difference|, intensities in [-1, 1]) and get the same
 lab.PhantomScore verdicts. Then it writes the file's sha256 and size into the teaching_<prediction>
 row of data_manifest.csv (creating the row if needed) and prints them.
+
+    python tests/ship_teaching_models.py --rows-only weights/teaching_*.safetensors   # rows of files made elsewhere
 """
 import argparse
 import csv
@@ -19,6 +21,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,8 +53,10 @@ def samples(model, meta):
 def ship(run: pathlib.Path, args) -> dict:
     ckpt = checkpoint(run, args.step)
     model, meta = dm.load_model(ckpt / "ema.safetensors", "cpu")
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    history = state["history"].numpy()
+    if (ckpt / "state.pt").exists():
+        history = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["history"].numpy()
+    else:  # a checkpoint copied without its optimizer state: the run's history.csv up to this step
+        history = np.loadtxt(run / "history.csv", delimiter=",", skiprows=1, ndmin=2)[:, 1][: int(meta["step"])]
     coarse = [float(f"{v:.4g}") for v in history[: len(history) // 10 * 10].reshape(-1, 10).mean(1)]
     name = f"teaching_{meta['prediction']}"
     out = ROOT / "weights" / f"{name}.safetensors"
@@ -72,8 +77,14 @@ def ship(run: pathlib.Path, args) -> dict:
         out.unlink()
         raise SystemExit(f"{name}: half precision changes the samples (max |diff| {diff:.4f} > {args.tolerance} "
                          "or other verdicts); nothing shipped")
+    return manifest_row(out)
+
+
+def manifest_row(out: pathlib.Path) -> dict:
+    """The data_manifest.csv row of a shipped file: its sha256 and size as it is on disk."""
+    _, meta = dm.load_model(out, "cpu")
     data = out.read_bytes()
-    return {"name": name, "kind": "weights", "group": "teaching", "url": RAW + out.name,
+    return {"name": out.stem, "kind": "weights", "group": "teaching", "url": RAW + out.name,
             "hash": "sha256:" + hashlib.sha256(data).hexdigest(), "verified": "true", "size": str(len(data)),
             "license": "MIT (this repository)", "citation": CITATION,
             "description": f"TEACHING_UNET, {meta['prediction']} prediction, EMA, float16; phantoms "
@@ -106,8 +117,10 @@ def main():
     parser.add_argument("--command", default="python ddpm_mini.py train --phantoms --prediction {prediction} "
                         "--size 40 48 40 --batch-size 2 --lr 1e-3 --seed 0",
                         help="the training command recorded in the metadata ({prediction} is filled in)")
+    parser.add_argument("--rows-only", action="store_true",
+                        help="the arguments are shipped files (weights/teaching_*.safetensors): only (re)write their rows")
     args = parser.parse_args()
-    rows = [ship(run, args) for run in args.runs]
+    rows = [manifest_row(f) if args.rows_only else ship(f, args) for f in args.runs]
     update_manifest(rows)
     print(json.dumps([{k: r[k] for k in ("name", "hash", "size")} for r in rows], indent=1))
     print("data_manifest.csv updated")

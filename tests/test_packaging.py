@@ -1,9 +1,12 @@
 """Packaging and the repository as a whole: environment.yml mirrors pyproject.toml, the README's
 commands are the ones CI runs, the manifest ships with the module, and every docs/ page and anchor
 that the code, tests, notebooks and README cite exists."""
+import hashlib
 import pathlib
 import re
 import pytest
+
+import ddpm_mini as dm
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -39,9 +42,19 @@ def test_ci_runs_the_readme_test_command():
     assert command in readme and command in ci.splitlines()
 
 
-def test_manifest_ships_with_the_module():
+def test_manifest_and_teaching_models_ship_with_the_module():
+    """The wheel carries the manifest and every file of a teaching row (weights/<name>.safetensors),
+    each in the repository with the manifest's sha256 and size, at most about 4 MB."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["tool"]["setuptools"]["data-files"] == {"share/ddpm-mini": ["data_manifest.csv"]}
+    files = project["tool"]["setuptools"]["data-files"]
+    assert files["share/ddpm-mini"] == ["data_manifest.csv"]
+    rows = {n: r for n, r in dm.read_manifest().items() if r["group"] == "teaching"}
+    assert sorted(rows) == [f"teaching_{p}" for p in sorted(dm.PREDICTIONS)]
+    assert sorted(files["share/ddpm-mini/weights"]) == sorted(f"weights/{n}.safetensors" for n in rows)
+    for name, row in rows.items():
+        data = (ROOT / "weights" / f"{name}.safetensors").read_bytes()
+        assert row["hash"] == "sha256:" + hashlib.sha256(data).hexdigest() and int(row["size"]) == len(data) <= 4.2e6
+        assert row["url"].endswith(f"/weights/{name}.safetensors") and row["kind"] == "weights"
 
 
 def test_installed_module_finds_its_manifest(tmp_path):
@@ -57,11 +70,14 @@ def test_installed_module_finds_its_manifest(tmp_path):
     share.mkdir(parents=True)
     shutil.copy(ROOT / "ddpm_mini.py", site)
     shutil.copy(ROOT / "data_manifest.csv", share)
-    code = "import ddpm_mini as dm; print(dm.__file__); print(dm.manifest_path()); print(len(dm.read_manifest()))"
-    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    shutil.copytree(ROOT / "weights", share / "weights")
+    code = ("import ddpm_mini as dm; print(dm.__file__); print(dm.manifest_path()); print(len(dm.read_manifest())); "
+            "print(dm.fetch('teaching_flow'))")
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "DDPM_MINI_CACHE": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
-    module, manifest, count = out.stdout.split()
+    module, manifest, count, weights = out.stdout.split()
     assert module == str(site / "ddpm_mini.py") and manifest == str(share / "data_manifest.csv") and int(count) > 4
+    assert weights == str(share / "weights" / "teaching_flow.safetensors")  # served from the install, no download
 
 
 # --- Citations of the repository's own pages ------------------------------------------------------
