@@ -3,7 +3,7 @@ are recognisable phantoms, for runs of `python ddpm_mini.py train` (the lab's re
 parameterization.
 
     python tests/bench_lab.py runs/teaching_flow runs/teaching_sample ...   # score every checkpoint
-    python tests/bench_lab.py runs/teaching_* --speed 12                    # + quiet s/step, minutes
+    python tests/bench_lab.py --speed 12      # the CSV's runs, with this machine's s/step and minutes
 
 For every complete checkpoint (checkpoints/step_NNNNNN) of each run folder it draws 4 samples of the
 EMA weights (DDIM, --sample-steps, starting noise torch.Generator().manual_seed(0)) at the run's
@@ -16,7 +16,8 @@ Scores are cached in --csv (one row per run and step; scored checkpoints are not
 the script can follow a run that is still training or was resumed across sittings.
 
 Minutes: a run's wall clock is not a fair measure (the machine may have been busy), so with --speed N
-the script times N steps of dm.train itself for each run's prediction, grid and batch on this process's
+the script times N steps of dm.train itself for each run's prediction and grid with the recipe's U-Net
+(TEACHING_UNET) and batch (2), in float32, on this process's
 threads (after 2 warm-up steps, as the difference of a (2 + N)-step and a 2-step run) and reports
     minutes to recognisable = (first step at which the model is recognisable) x (seconds per step) / 60.
 Run it with nothing else on the machine for the seconds per step to mean anything; the grid's
@@ -88,7 +89,8 @@ def run_config(run: pathlib.Path) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=pathlib.Path, help="training output folders (train --out)")
+    parser.add_argument("runs", nargs="*", type=pathlib.Path,
+                        help="training output folders (train --out) to score; none: summarise the CSV's runs")
     parser.add_argument("--csv", type=pathlib.Path, default=pathlib.Path("docs/lab_runs.csv"),
                         help="score cache and record (default docs/lab_runs.csv)")
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per sample (default 20)")
@@ -127,21 +129,32 @@ def main():
                 writer.writeheader()
                 writer.writerows(sorted(rows, key=lambda r: (r["run"], int(r["sample_steps"]), int(r["step"]))))
 
-    print(f"\n{'run':22s} {'prediction':10s} {'grid':9s} {'steps':>6s} {'first 3/4 at':>12s} "
-          f"{'best tDice (4)':>22s} {'s/step':>7s} {'minutes':>8s}")
-    for run in args.runs:
-        cfg = run_config(run)
-        mine = sorted((r for r in rows if r["run"] == run.name and int(r["sample_steps"]) == args.sample_steps),
-                      key=lambda r: int(r["step"]))
-        first = next((int(r["step"]) for r in mine if int(r["recognisable"]) >= 3), None)
-        best = max(mine, key=lambda r: np.mean([float(d) for d in r["tdice"].split()]), default=None)
-        rate = seconds_per_step(cfg["prediction"], cfg["shape"], cfg["batch"], cfg["unet"], args.speed, args.device) if args.speed else None
-        minutes = f"{first * rate / 60:8.1f}" if first and rate else (f"> {cfg['steps'] * rate / 60:.0f}" if rate else "")
-        print(f"{run.name:22s} {cfg['prediction']:10s} {'x'.join(map(str, cfg['shape'])):9s} {cfg['steps']:6d} "
-              f"{first if first else '> ' + str(cfg['steps']):>12} "
-              f"{(best['tdice'] + ' @' + str(best['step'])) if best else '':>22s} "
-              f"{rate if rate else float('nan'):7.2f} {minutes:>8s}", flush=True)
+    summary(rows, args.runs and [r.name for r in args.runs], args)
 
+
+def summary(rows: list, runs, args) -> None:
+    """One line per run of the CSV (or of `runs`): first step with 3 of 4 recognisable, best mean tDice,
+    and with --speed the recipe's seconds per step on this machine and the minutes to recognisable."""
+    runs = runs or sorted({r["run"] for r in rows}, key=lambda name: (name.startswith("cpu_"), name))
+    rates = {}
+    print(f"\n{'run':22s} {'prediction':10s} {'grid':9s} {'scored to':>9s} {'first 3/4 at':>12s} "
+          f"{'best tDice (4)':>26s} {'s/step':>7s} {'minutes':>8s}")
+    for name in runs:
+        mine = sorted((r for r in rows if r["run"] == name and int(r["sample_steps"]) == args.sample_steps),
+                      key=lambda r: int(r["step"]))
+        if not mine:
+            continue
+        prediction, shape = mine[0]["prediction"], tuple(int(v) for v in mine[0]["shape"].split("x"))
+        last = int(mine[-1]["step"])
+        first = next((int(r["step"]) for r in mine if int(r["recognisable"]) >= 3), None)
+        best = max(mine, key=lambda r: np.mean([float(d) for d in r["tdice"].split()]))
+        if args.speed and (prediction, shape) not in rates:
+            rates[prediction, shape] = seconds_per_step(prediction, shape, 2, dm.TEACHING_UNET, args.speed, args.device)
+        rate = rates.get((prediction, shape))
+        minutes = f"{first * rate / 60:8.1f}" if first and rate else (f"> {last * rate / 60:.0f}" if rate else "")
+        print(f"{name:22s} {prediction:10s} {'x'.join(map(str, shape)):9s} {last:9d} "
+              f"{first if first else '> ' + str(last):>12} {best['tdice'] + ' @' + best['step']:>26s} "
+              f"{rate if rate else float('nan'):7.2f} {minutes:>8s}", flush=True)
 
 if __name__ == "__main__":
     main()
