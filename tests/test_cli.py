@@ -649,3 +649,21 @@ def test_cli_train_workers_draw_the_same_phantoms(tmp_path, capsys):
     assert dm.main(args) == 1
     assert "--workers works with --phantoms only" in capsys.readouterr().err
     assert not (tmp_path / "d" / "checkpoints").exists()
+
+
+def test_cli_sample_with_the_dpm_solver(tmp_path, capsys):
+    """sample --weights teaching_flow --method dpm++2m: the shipped file by its manifest name, the solver named in
+    the header, the same volume as the API's; --eta or --paper-era with it are refused before any work."""
+    out = tmp_path / "s.nii.gz"
+    assert dm.main(["sample", "--weights", "teaching_flow", "--method", "dpm++2m", "--steps", "3", "--shape", "16", "16",
+                    "16", "--out", str(out), "--device", "cpu"]) == 0
+    assert "dpm++2m, 3 linspace steps" in capsys.readouterr().out
+    model, _ = dm.load_model(dm.fetch("teaching_flow"), "cpu")
+    x = dm.sample(model, "flow", shape=(1, 1, 16, 16, 16), steps=3, method="dpm++2m",
+                  generator=torch.Generator().manual_seed(0), progress=False)
+    assert np.array_equal(np.asarray(nib.load(out).dataobj), dm.to_uint16(dm.normalize_intensity(x[0, 0])))
+    for extra in (["--eta", "0.5"], ["--paper-era"]):
+        assert dm.main(["sample", "--weights", "teaching_flow", "--method", "dpm++2m", "--out",
+                        str(tmp_path / "bad.nii.gz")] + extra) == 1
+        assert "is deterministic and uses the clipped x0" in capsys.readouterr().err
+        assert not (tmp_path / "bad.nii.gz").exists()
