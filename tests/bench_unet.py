@@ -3,6 +3,13 @@
     python tests/bench_unet.py                               # CPU, fp32, 64^3 and 96x112x96
     python tests/bench_unet.py --device cuda --shapes 64,64,64 96,112,96 192,224,192   # fp16 autocast
     python tests/bench_unet.py --plain          # also our plain forward passes, UNet(fast=False)
+    python tests/bench_unet.py --shapes 192,224,192 --rounds 1 --variants channels_last compile bf16
+
+Variants (CPU speed-ups PyTorch offers, each on top of ours): channels_last (channels_last_3d
+weights and input), compile (torch.compile, default mode; its compile time is in the warm-up, not
+the timings), bf16 (CPU autocast to bfloat16; fast only where the CPU has native bf16, e.g.
+AVX512-BF16 or AMX, which `lscpu` lists). Each variant's output is compared with ours: the
+column "rel" is max |variant - ours| / max |ours|; fp32 variants are kept only within 1e-4.
 
 Same weights (MEDFORJ_UNET, random but identical), same input, t = 500. Each
 measurement runs in a fresh subprocess so peak memory is clean; ours and MONAI
@@ -13,10 +20,15 @@ Goals on a CPU: time <= 0.9x, peak memory <= 0.8x.
 """
 import argparse
 import json
+import pathlib
 import statistics
 import subprocess
 import sys
 import time
+
+
+#: Our U-Net's forward passes: the fast default, the plain one, and the CPU speed-up variants.
+VARIANTS = ("ours", "plain", "channels_last", "compile", "bf16")
 
 
 def rss_bytes(field):
@@ -41,8 +53,8 @@ def worker(args):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    if args.worker in ("ours", "plain"):
-        model = dm.UNet(**dm.MEDFORJ_UNET, fast=args.worker == "ours")
+    if args.worker != "monai":
+        model = dm.UNet(**dm.MEDFORJ_UNET, fast=args.worker != "plain")
         model.load_state_dict(ref.state_dict(), strict=True)
         del ref
     else:
@@ -53,6 +65,13 @@ def worker(args):
     t = torch.full((1,), 500, device=device, dtype=torch.long)
     cuda = device.type == "cuda"
     amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+    if args.worker == "channels_last":
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif args.worker == "compile":
+        model = torch.compile(model)
+    elif args.worker == "bf16":
+        amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def forward():
         with torch.inference_mode(), amp:
@@ -72,6 +91,8 @@ def worker(args):
         base = rss_bytes("VmRSS")
     out = forward()
     peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - base
+    if args.save:
+        torch.save(out.float().cpu(), args.save)
     del out
     times = []
     for _ in range(args.repeats):
@@ -81,9 +102,9 @@ def worker(args):
     print(json.dumps({"times": times, "peak": peak}))
 
 
-def run_one(which, shape, args):
+def run_one(which, shape, args, save):
     cmd = [sys.executable, __file__, "--worker", which, "--device", args.device, "--repeats", str(args.repeats),
-           "--shape", *map(str, shape)]
+           "--shape", *map(str, shape), "--save", str(save)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"worker {which} {shape} failed:\n{done.stderr[-3000:]}")
@@ -97,30 +118,38 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (ours, MONAI) per shape")
     p.add_argument("--repeats", type=int, default=3, help="timed forward passes per worker")
     p.add_argument("--plain", action="store_true", help="also time our U-Net's plain forward passes (UNet(fast=False))")
-    p.add_argument("--worker", choices=("ours", "plain", "monai"), help=argparse.SUPPRESS)
+    p.add_argument("--variants", nargs="*", default=[], choices=VARIANTS[1:], help="speed-up variants of ours to time")
+    p.add_argument("--worker", choices=("monai",) + VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--shape", type=int, nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    import tempfile
+
     import torch
+    extra = (["plain"] if args.plain else []) + [v for v in args.variants if v != "plain"]
     precision = "fp16 autocast" if args.device.startswith("cuda") else "fp32"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"U-Net forward, MEDFORJ_UNET, batch 1, {precision}, {device_name}, torch {torch.__version__}")
+    print(f"U-Net forward, MEDFORJ_UNET, batch 1, {precision}, {device_name}, torch {torch.__version__}; "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'shape':>14} {'ours s':>8} {'MONAI s':>8} {'time':>6} {'ours MiB':>9} {'MONAI MiB':>9} {'memory':>7}"
-          + (f" {'plain s':>8} {'time':>6} {'plain MiB':>9} {'memory':>7}" if args.plain else ""))
+          + "".join(f" | {v[:13]:>13} s {'time':>6} {'MiB':>6} {'memory':>7} {'rel':>8}" for v in extra))
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="bench_unet_"))
     for spec in args.shapes:
         shape = tuple(int(v) for v in spec.split(","))
-        res = {"ours": [], "monai": [], **({"plain": []} if args.plain else {})}
+        res = {"ours": [], "monai": [], **{v: [] for v in extra}}
         for r in range(args.rounds):
             for which in (list(res) if r % 2 == 0 else list(res)[::-1]):
-                res[which].append(run_one(which, shape, args))
+                res[which].append(run_one(which, shape, args, scratch / f"{which}.pt"))
+        out = {k: torch.load(scratch / f"{k}.pt") for k in res}
         t = {k: statistics.median(x for v in res[k] for x in v["times"]) for k in res}
         m = {k: min(v["peak"] for v in res[k]) for k in res}
+        rel = {k: float((out[k] - out["ours"]).abs().max() / out["ours"].abs().max()) for k in extra}
         print(f"{'x'.join(map(str, shape)):>14} {t['ours']:8.3f} {t['monai']:8.3f} {t['ours'] / t['monai']:5.2f}x "
               f"{m['ours'] / 2**20:9.0f} {m['monai'] / 2**20:9.0f} {m['ours'] / m['monai']:6.2f}x"
-              + (f" {t['plain']:8.3f} {t['plain'] / t['monai']:5.2f}x {m['plain'] / 2**20:9.0f} "
-                 f"{m['plain'] / m['monai']:6.2f}x" if args.plain else ""), flush=True)
-
+              + "".join(f" | {t[v]:15.3f} {t[v] / t['monai']:5.2f}x {m[v] / 2**20:6.0f} {m[v] / m['monai']:6.2f}x "
+                        f"{rel[v]:8.1e}" for v in extra), flush=True)
 
 if __name__ == "__main__":
     main()
