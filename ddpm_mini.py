@@ -120,7 +120,7 @@ TEACHING_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1,
 IMAGE_SHAPE = (192, 224, 192)
 
 #: The teaching grid (phantoms, demo, notebooks, the shipped teaching models): 224 / 48 = 4.67 mm
-#: voxels over IMAGE_SHAPE's field of view, the coarsest grid segment_phantom handles
+#: voxels over IMAGE_SHAPE's field of view, the coarsest grid segment_phantom is held to exactly
 #: (docs/methods.md#phantom-segmenter); a training step costs 0.58x one at 48 x 56 x 48.
 TEACHING_SHAPE = (40, 48, 40)
 
@@ -2239,8 +2239,9 @@ def _despeckle(labels: np.ndarray, n_labels: int, min_same=3, rounds=2) -> np.nd
 def segment_phantom(image, n_iter=5) -> np.ndarray:
     """Label a phantom() image with PHANTOM_LABELS numbers: (X, Y, Z) in [-1, 1] -> uint8 (X, Y, Z).
 
-    Voxels up to about 4.7 mm (40x48x40; coarser, the 5-6 mm scalp and skull no longer close the head). Steps
-    (docs/methods.md#phantom-segmenter): topology (background, scalp), a quadratic bias field
+    Voxels up to about 5 mm (40x48x40 and finer are exact on phantoms). Steps
+    (docs/methods.md#phantom-segmenter): topology (background outside the head's closed hull,
+    scalp within 5 mm of it: generated heads with holes keep their tissues), a quadratic bias field
     fitted with nearest-mean labels, ventricles told from outer CSF by two floods, deep grey
     split into thalamus / putamen, left / right by the phantom's ellipsoids.
     Plain numpy: many small whole-volume steps, which thread pools only slow down.
@@ -2260,8 +2261,16 @@ def segment_phantom(image, n_iter=5) -> np.ndarray:
     dark = s < (means[3] + means[4]) / 2                                         # 1. topology
     border = np.ones_like(dark)
     border[1:-1, 1:-1, 1:-1] = False
-    background = _flood(dark, border)
-    scalp = _flood(~dark | background, background) & ~background
+    per_mm = max(x.shape) / 224                                                  # voxels per mm (phantom grid)
+    r = math.ceil(9 * per_mm)                   # the head's hull: bright voxels closed over 9 mm (padded,
+    hull = np.pad(~dark, r)                     # so a head near the edge keeps its outline), so that gaps
+    for grow in [True] * r + [False] * r:       # in a generated scalp do not let the background in
+        hull = _grow6(hull) if grow else ~_grow6(~hull)
+    background = _flood(dark & ~hull[r:-r, r:-r, r:-r], border)
+    shell = background.copy()                   # the scalp lies within its thickness of the background
+    for _ in range(math.ceil(3**0.5 * _SCALP_MM * per_mm) + 1):                  # (6-steps: up to sqrt 3 x
+        shell = _grow6(shell)                   # as many), so a skull with gaps cannot lead it inwards
+    scalp = _flood((~dark | background) & shell, background) & ~background
 
     g = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in x.shape], indexing="ij", sparse=True)
     terms = [np.ones((1, 1, 1), np.float32), *g, *(gi * gj for i, gi in enumerate(g) for gj in g[i:])]  # 2. bias

@@ -373,15 +373,32 @@ def test_load_volume_table_reads_csvs_and_folders(tmp_path):
         dm.load_volume_table(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("shape, works", [((40, 48, 40), True), ((32, 40, 32), False)])
-def test_segment_phantom_grid_limit(shape, works):
-    """docs/methods.md#phantom-segmenter: 40x48x40 (4.67 mm voxels) is segmented exactly; at 32x40x32
-    (5.6 mm) the one-voxel skull no longer closes the head and the tissues are lost."""
+def test_segment_phantom_at_the_teaching_grid():
+    """docs/methods.md#phantom-segmenter: 40x48x40 (4.67 mm voxels), the coarsest grid it is held to,
+    is segmented almost exactly (tissues and deep grey, Dice >= 0.95)."""
     for seed in (100, 101, 102):
-        image, truth = dm.phantom(seed, shape)
+        image, truth = dm.phantom(seed, dm.TEACHING_SHAPE)
         scores = dm.dice(dm.segment_phantom(image), truth)
         tissues = [scores[k] for k in ("skull", "csf", "cortex", "white_matter", "left_thalamus", "right_putamen")]
-        assert (min(tissues) >= 0.95) if works else (max(tissues) <= 0.2), (shape, seed, scores)
+        assert min(tissues) >= 0.95, (seed, scores)
+
+
+def test_segment_phantom_survives_holes_in_scalp_and_skull():
+    """Generated heads are imperfect: a hole in the scalp (background meets the skull) and a bright bridge
+    through skull and CSF. The background must not leak in through them, nor the scalp flood into the
+    brain (before the hull and the scalp shell, every tissue but the ventricles got Dice 0 here). Dice over
+    the untouched voxels: >= 0.9 for every structure (measured 0.92-1.0)."""
+    image, truth = dm.phantom(100, dm.TEACHING_SHAPE)
+    image = image.copy()
+    i, j, k = np.ogrid[:40, :48, :40]
+    top = np.argwhere(truth == 1)[np.argwhere(truth == 1)[:, 2].argmax()]
+    hole = (truth == 1) & (abs(i - top[0]) <= 2) & (abs(j - top[1]) <= 2)
+    bridge = np.isin(truth, (2, 3)) & (abs(i - 20) <= 1) & (abs(j - 10) <= 1)
+    image[hole], image[bridge] = -1.0, dm.PHANTOM_INTENSITIES[5]
+    assert hole.sum() > 20 and bridge.sum() > 50
+    keep = ~hole & ~bridge
+    scores = dm.dice(np.where(keep, dm.segment_phantom(image), 0), np.where(keep, truth, 0))
+    assert min(scores.values()) >= 0.9, scores
 
 
 def test_statistics_refuse_bad_numbers_duplicates_and_bad_label_files(tmp_path):
