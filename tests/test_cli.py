@@ -168,7 +168,7 @@ def test_sample_uses_the_schedule_of_the_run(tmp_path, capsys):
     assert "steps must be an integer in 2..500" in capsys.readouterr().err
     assert dm.main(["sample", "--weights", str(tmp_path / "run"), "--steps", "2", "--seed", "3",
                     "--out", str(tmp_path / "s.nii.gz")]) == 0
-    assert "with the flow model on cpu, 2 linspace steps" in capsys.readouterr().out
+    assert "with the flow model on cpu, ddim, 2 linspace steps" in capsys.readouterr().out
     written = np.asarray(nib.load(tmp_path / "s.nii.gz").dataobj)
 
     def made_with(schedule):
@@ -210,7 +210,7 @@ def test_sample_the_pretrained_rflow_model(tmp_path, http_server, standin_weight
     out = tmp_path / "rflow.nii.gz"
     assert dm.main(["sample", "--prediction", "rflow", "--steps", "2", "--shape", "16", "16", "16", "--device", "cpu",
                     "--out", str(out)]) == 0
-    assert "with the rflow model on cpu, 2 linspace steps" in capsys.readouterr().out
+    assert "with the rflow model on cpu, ddim, 2 linspace steps" in capsys.readouterr().out
     x = dm.sample(dm.load_pretrained("rflow", "cpu"), "rflow", shape=(1, 1, 16, 16, 16), steps=2,
                   generator=torch.Generator().manual_seed(0), progress=False)
     assert np.array_equal(np.asarray(nib.load(out).dataobj), dm.to_uint16(dm.normalize_intensity(x[0, 0])))
