@@ -799,8 +799,8 @@ def ddim_step(x0_hat, eps_hat, t_prev: int, eta: float = 0.0, t: int | None = No
 
 
 def dpm_solver_2m_step(x_t, x0_hat, t, t_prev, previous=None, schedule=None) -> tuple:
-    """One DPM-Solver++(2M) step from t to s = t_prev (docs/math.md#dpm-solver-2m): returns
-    (x_s, state), state to pass as `previous` to the next step.
+    """One DPM-Solver++(2M) step from t to s = t_prev (docs/math.md#dpm-solver-2m): x_t and x0_hat
+    (B, C, *S) -> (x_s (B, C, *S), state); state, (x0_hat, h), goes to the next step as `previous`.
 
     With lambda = log(alpha / sigma) and h = lambda_s - lambda_t, the step integrates the
     probability-flow ODE exactly for an x0 prediction D that is constant in lambda:
@@ -3200,7 +3200,8 @@ def _train_parser(sub):
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--workers", type=_number(int, 0, 64), default=0,
                    help="with --phantoms: processes drawing phantoms (same items, same order; default 0: the main "
-                        "process). On a GPU one phantom per 15 ms limits the step rate: try 3")
+                        "process). On a GPU one phantom per 15 ms limits the step rate: try 3. --resume with workers "
+                        "draws the phantoms already used again to skip them")
     p.add_argument("--steps", type=_COUNT, default=5000, help="total optimizer steps (default 5000)")
     p.add_argument("--minutes", type=_number(float, 0, lo_open=True), help="stop (with a checkpoint) after this much training time")
     p.add_argument("--batch-size", type=_COUNT, help="volumes per step and process (default 2; --resume: the run's)")

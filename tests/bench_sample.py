@@ -36,9 +36,9 @@ def one_sample(model, args, dtype: str, device: torch.device) -> tuple:
     shape = (1, 1, *args.shape)
     options = dict(steps=args.steps, dtype=None if device.type == "cpu" else dtype, progress=args.progress,
                    **({"method": args.method} if args.method else {}))
-    t = torch.full((1,), 500.0 if args.prediction == "rflow" else 500, device=device)
+    t = torch.full((1,), 500, dtype=torch.float32 if args.prediction == "rflow" else torch.long, device=device)
     with torch.inference_mode(), dm._autocast(device, options["dtype"] or "float32"):
-        model(torch.zeros(shape, device=device), t.long() if args.prediction != "rflow" else t)  # warm-up
+        model(torch.zeros(shape, device=device), t)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
