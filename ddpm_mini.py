@@ -28,8 +28,9 @@ Map of the sections (1-7 are the teaching core, read them in order):
      2. constants                     8. data: NIfTI, preprocessing, phantoms, datasets
      3. noise schedule                9. training
      4. parameterizations and loss   10. evaluation: segmentation, regional volumes, statistics
-     5. the 3-D U-Net (5b: speed-ups) 11. viewing
-     6. sampler                      12. command line
+     5. the 3-D U-Net (5b: speed-ups) 11. inverse problems (DPS)
+     6. sampler                      12. viewing
+                                     13. command line
 """
 # === 1. Imports ======================================================================================
 from __future__ import annotations
@@ -1325,13 +1326,18 @@ def grid_affine(shape) -> np.ndarray:
     return LPS_AFFINE @ np.diag([*_phantom_voxel_mm(shape), 1.0])
 
 
-def save_nifti(volume, path, affine=None) -> pathlib.Path:
+def save_nifti(volume, path, affine=None, header=None) -> pathlib.Path:
     """Write a volume (X, Y, Z), or (1, X, Y, Z) / (1, 1, X, Y, Z), as uint16 NIfTI, atomically.
     Intensities are min-max scaled over the volume to 0..65535 (the reference generator's
     convention: a constant volume is written as zeros); affine defaults to grid_affine(shape):
-    1 mm LPS on IMAGE_SHAPE, coarser voxels over the same field of view on smaller grids."""
+    1 mm LPS on IMAGE_SHAPE, coarser voxels over the same field of view on smaller grids.
+    header: a NIfTI header to copy (e.g. the input's), written as uint16 with scale 1, offset 0."""
     arr, _ = _as_volume(volume, "save_nifti's volume")
-    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), grid_affine(arr.shape) if affine is None else np.asarray(affine))
+    header = None if header is None else header.copy()
+    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), grid_affine(arr.shape) if affine is None else np.asarray(affine),
+                          header)
+    img.set_data_dtype(np.uint16)
+    img.header.set_slope_inter(1, 0)
     img.header.set_xyzt_units("mm")
     return _atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
@@ -2563,7 +2569,238 @@ def load_volume_table(source) -> dict:
     return regional_volumes(maps, voxel_mm=np.stack(vox))
 
 
-# === 11. Viewing (matplotlib, widgets) ===============================================================
+# === 11. Inverse problems: the model as a prior (DPS) ================================================
+#
+# Restore a scan from a measurement y = A(x): sample with DDIM (eta = 1) and, at every step, step
+# against the gradient of a data loss at the step's x0 estimate (docs/methods.md#inverse-problems).
+
+#: The authors' five tasks (their inverse_solve.py), in the kit's names.
+INVERSE_TASKS = ("slice_selection", "inpainting", "rician_denoising", "kspace_accel", "motion")
+
+_SPATIAL = (-3, -2, -1)
+
+
+def slice_profile(n: int, voxel_mm: float = 1.0, thickness_mm: float = 7.0, separation_mm: float = 9.5):
+    """(m, n) float64 matrix taking n voxels (voxel_mm apart) to m = floor(n voxel_mm / separation_mm)
+    thick slices, centred: row i is a Gaussian of FWHM thickness_mm at slice centre i (the voxel's own
+    width taken out of its variance), divided by its sum (a weighted mean: flat stays flat)."""
+    sd = lambda fwhm: fwhm / (2 * math.sqrt(2 * math.log(2)))  # noqa: E731
+    var = sd(thickness_mm) ** 2 - sd(voxel_mm) ** 2
+    m = int(n * voxel_mm / separation_mm)
+    if var <= 0 or m < 1:
+        raise ValueError(f"slice selection: {n} voxels of {voxel_mm:g} mm cannot make slices {thickness_mm:g} mm "
+                         f"thick, {separation_mm:g} mm apart (need voxels thinner than the slices, and room for one)")
+    p = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * voxel_mm
+    q = (torch.arange(m, dtype=torch.float64) - (m - 1) / 2) * separation_mm
+    a = torch.exp(-0.5 * (q[:, None] - p[None, :]) ** 2 / var)
+    return a / a.sum(1, keepdim=True)
+
+
+def _along(x: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Apply matrix (m, n) along spatial axis (0, 1, 2 = D, H, W) of x (..., D, H, W)."""
+    dim = x.ndim - 3 + axis
+    return (x.movedim(dim, -1) @ matrix.T.to(x.device, x.dtype)).movedim(-1, dim)
+
+
+def _fft3(x: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal 3-D FFT (the DC term at index n // 2 of each axis); unitary."""
+    return torch.fft.fftshift(torch.fft.fftn(x, dim=_SPATIAL, norm="ortho"), dim=_SPATIAL)
+
+
+def _ifft3(k: torch.Tensor) -> torch.Tensor:
+    """The inverse, and the adjoint, of _fft3."""
+    return torch.fft.ifftn(torch.fft.ifftshift(k, dim=_SPATIAL), dim=_SPATIAL, norm="ortho")
+
+
+def kspace_mask(shape, acceleration: float = 12.0, center_fraction: float = 0.08, power: float = 4.0,
+                seed: int = 0) -> torch.Tensor:
+    """Variable-density Cartesian mask (D, H, 1) over the two phase-encode axes (W, the readout, is
+    always read): a centre block of round(D f) x round(H f) lines, then lines drawn without replacement
+    with weight (1 - r / r_max)^power (r: distance from the centre, per half-axis) until
+    round(D H / acceleration) are sampled; torch.Generator().manual_seed(seed): same seed, same mask."""
+    d, h = shape[0], shape[1]
+    kd, kh = ((torch.arange(n) - n // 2) / (n / 2) for n in (d, h))
+    r = torch.sqrt(kd[:, None] ** 2 + kh[None, :] ** 2)
+    mask = torch.zeros(d, h, dtype=torch.bool)
+    cd, ch = max(1, round(d * center_fraction)), max(1, round(h * center_fraction))
+    mask[d // 2 - cd // 2:d // 2 - cd // 2 + cd, h // 2 - ch // 2:h // 2 - ch // 2 + ch] = True
+    extra = round(d * h / acceleration) - int(mask.sum())
+    if extra > 0:
+        weight = (1 - r / r.max()).clamp(min=0)[~mask] ** power + 1e-8
+        pick = torch.multinomial(weight, extra, generator=torch.Generator().manual_seed(seed))
+        free = torch.nonzero(~mask)[pick]
+        mask[free[:, 0], free[:, 1]] = True
+    return mask.float()[:, :, None]
+
+
+def _rigid_grid(shape, degrees, translation_mm, voxel_mm, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """grid_sample grid (B, D, H, W, 3) that moves the object by p -> R p + t (R = Rz Ry Rx on (D, H, W)
+    positions in mm about the centre): the moved image at p reads the original at R^T (p - t)."""
+    def turn(a, b, deg):
+        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        m = torch.eye(3, dtype=torch.float64)
+        m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
+        return m
+    rt = (turn(1, 2, degrees[2]) @ turn(0, 2, degrees[1]) @ turn(0, 1, degrees[0])).T
+    half = torch.diag(torch.tensor([max(n - 1, 1) / 2 for n in shape], dtype=torch.float64)
+                      * torch.as_tensor(voxel_mm, dtype=torch.float64).expand(3))  # index units -> mm
+    lin = torch.linalg.solve(half, rt @ half)
+    off = -torch.linalg.solve(half, rt @ torch.tensor(translation_mm, dtype=torch.float64))
+    theta = torch.cat([lin.flip(0, 1), off.flip(0)[:, None]], 1)                  # (x, y, z) order
+    return F.affine_grid(theta.to(like.device, like.dtype).expand(batch, 3, 4), (batch, 1, *shape), align_corners=True)
+
+
+@dataclasses.dataclass
+class InverseTask:
+    """A measurement model for x (B, 1, D, H, W) in [-1, 1] (docs/methods.md#inverse-problems).
+
+    measure(x, generator): y as the scanner would give it (Rician noise drawn for rician_denoising);
+    forward(x): the noiseless model A(x) that DPS differentiates; loss(x0, y): the data term, per
+    sample summed (the unsquared norm |A(x0) - y|, or the Rician negative log-likelihood); baseline(y):
+    the plain reconstruction DPS is compared with; adjoint(y): A^T for the linear tasks, else None;
+    zeta: the guidance weight for flow, sample and rflow, zeta_noise_velocity for noise and velocity
+    prediction: the authors' (20 and 500; Rician 5e-4 for all) on IMAGE_SHAPE, scaled by
+    sqrt(voxels / voxels of IMAGE_SHAPE) on other grids for the norm losses."""
+    name: str
+    shape: tuple
+    forward: object
+    measure: object
+    loss: object
+    baseline: object
+    adjoint: object = None
+    zeta: float = 20.0
+    zeta_noise_velocity: float = 500.0
+
+
+def inverse_task(name: str, shape, voxel_mm: float | None = None, seed: int = 0, sigma: float = 0.1,
+                 axis: int = 2, degrees: float = 6.0, shift_mm: float = 6.0, when: float = 0.45) -> InverseTask:
+    """The task `name` (INVERSE_TASKS) on a grid `shape` (D, H, W) of voxel_mm (default 224 / max(shape),
+    1 mm on IMAGE_SHAPE), with the authors' settings scaled to it:
+
+    slice_selection   slices 7 mm thick (FWHM), 9.5 mm apart along `axis`; baseline: nearest slice.
+    inpainting        a central block zeroed (192 x 224 x 192: [64:-64, 64:-64, 64:-64], the same
+                      fractions elsewhere); baseline: the masked image.
+    rician_denoising  y = |u + sigma n1 + i sigma n2| on u = (x + 1) / 2 (sigma in [0, 1] units);
+                      loss: Rician NLL; baseline: y.
+    kspace_accel      y = |F^-1 M F u| with kspace_mask(12x, 8 % centre, power 4, seed); baseline: y
+                      (the zero-filled reconstruction).
+    motion            a rigid move, `degrees` about and `shift_mm` along each axis: the first `when`
+                      (45 %) of the k-space lines along the first axis (centred order) come from the
+                      moved head, the rest, which hold the centre, from the still one; y = |F^-1 k|;
+                      baseline: y.
+    Magnitude tasks map back with 2 u - 1.
+    """
+    if name not in INVERSE_TASKS:
+        raise ValueError(f"unknown inverse task {name!r}: use one of {', '.join(INVERSE_TASKS)}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3:
+        raise ValueError(f"inverse_task: shape must be (D, H, W), got {shape}")
+    voxel_mm = 224 / max(shape) if voxel_mm is None else float(voxel_mm)
+    norm = lambda r: r.flatten(1).norm(dim=1).sum()  # noqa: E731  (per sample |.|, summed over the batch)
+    # |r|'s gradient has norm 1 whatever the grid, spread over all voxels: scaling the authors' zeta by
+    # sqrt(voxels / voxels of IMAGE_SHAPE) keeps each voxel's pull what it is on the published grid
+    scale = math.sqrt(math.prod(shape) / math.prod(IMAGE_SHAPE))
+    zetas = dict(zeta=20.0 * scale, zeta_noise_velocity=500.0 * scale)
+    unit = lambda x: ((x + 1) / 2).clamp(0, 1)       # noqa: E731
+    if name == "slice_selection":
+        a = slice_profile(shape[axis], voxel_mm)
+        nearest = torch.zeros(a.shape[1], a.shape[0], dtype=torch.float64)
+        nearest[torch.arange(a.shape[1]), a.argmax(0)] = 1                          # each voxel's nearest slice
+        forward = lambda x: _along(x, axis, a)  # noqa: E731
+        return InverseTask(name, shape, forward, lambda x, generator=None: forward(x), lambda x0, y: norm(forward(x0) - y),
+                           lambda y: _along(y, axis, nearest), adjoint=lambda y: _along(y, axis, a.T), **zetas)
+    if name == "inpainting":
+        keep = torch.ones(shape)
+        keep[tuple(slice(round(n * f), n - round(n * f)) for n, f in zip(shape, (1 / 3, 2 / 7, 1 / 3)))] = 0
+        forward = lambda x: keep.to(x.device, x.dtype) * x  # noqa: E731
+        return InverseTask(name, shape, forward, lambda x, generator=None: forward(x), lambda x0, y: norm(forward(x0) - y),
+                           lambda y: y, adjoint=forward, **zetas)
+    if name == "rician_denoising":
+        def measure(x, generator=None):
+            n1, n2 = (_randn(x.shape, generator, x.device, x.dtype) for _ in range(2))
+            return 2 * torch.sqrt((unit(x) + sigma * n1) ** 2 + (sigma * n2) ** 2 + 1e-12) - 1
+
+        def nll(x0, y):  # -log p(y | x0) up to terms free of x0; log I0(z) = log i0e(z) + z for z >= 0
+            a, b = unit(x0), (y + 1) / 2
+            z = a * b / sigma**2
+            return (a**2 / (2 * sigma**2) - torch.log(torch.special.i0e(z)) - z).sum()
+        return InverseTask(name, shape, lambda x: x, measure, nll, lambda y: y.clamp(-1, 1), zeta=5e-4, zeta_noise_velocity=5e-4)
+    if name == "kspace_accel":
+        mask = kspace_mask(shape, seed=seed)
+        forward = lambda x: 2 * _ifft3(mask.to(x.device) * _fft3(unit(x))).abs() - 1  # noqa: E731
+        return InverseTask(name, shape, forward, lambda x, generator=None: forward(x), lambda x0, y: norm(forward(x0) - y),
+                           lambda y: y, **zetas)
+
+    def moved(x):  # motion
+        u = unit(x)
+        grid = _rigid_grid(shape, (degrees,) * 3, (shift_mm,) * 3, voxel_mm, x.shape[0], u)
+        low = u.amin(dim=_SPATIAL, keepdim=True)                                   # outside: background
+        shifted = F.grid_sample(u - low, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + low
+        before = (torch.arange(shape[0], device=x.device) < int(shape[0] * when))[:, None, None]
+        return 2 * _ifft3(torch.where(before, _fft3(shifted), _fft3(u))).abs() - 1
+    return InverseTask(name, shape, moved, lambda x, generator=None: moved(x), lambda x0, y: norm(moved(x0) - y), lambda y: y,
+                       **zetas)
+
+
+def solve_inverse(model, prediction: str, y: torch.Tensor, task: InverseTask, steps: int = 256,
+                  zeta: float | None = None, eta: float = 1.0, guidance: str = "conversion", noise=None,
+                  schedule=None, generator=None, progress: bool = True, callback=None, dtype=None,
+                  checkpointing: bool = True) -> torch.Tensor:
+    """Restore x from y = task.measure(x) with DPS: DDIM (eta, default 1) on the linspace grid, each step
+    then moved by - zeta * grad_{x_t} task.loss(x0_hat(x_t), y); the last step returns
+    x0_hat - zeta * grad. Returns float32 (B, 1, *task.shape) on the model's device. y: (B, 1, ...),
+    task.measure of images on task.shape, which must be the model's grid.
+
+    guidance="conversion" (the authors'): the network runs without gradients, so the gradient reaches
+    x_t only through the conversion to x0 (1 / (alpha + sigma) for flow, alpha for velocity, 1 / alpha for
+    noise, none for sample prediction, whose x0 is the output itself: no guidance at all).
+    guidance="network": the gradient also goes through the U-Net (DPS as Chung et al. wrote it), about
+    3x the cost of a step; checkpointing=True recomputes the U-Net's activations in backward to save memory.
+    zeta: default task.zeta (task.zeta_noise_velocity for noise and velocity prediction). callback(i, t,
+    x_t, x0_hat) after every step, as in sample.
+    """
+    prediction = canonical_prediction(prediction)
+    schedule = _schedule(schedule, prediction)
+    if guidance not in ("conversion", "network"):
+        raise ValueError(f"guidance must be 'conversion' (the authors') or 'network', got {guidance!r}")
+    if not 0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    zeta = (task.zeta_noise_velocity if prediction in ("noise", "velocity") else task.zeta) if zeta is None else zeta
+    pairs = timestep_pairs(steps, "linspace", schedule)
+    device = next(model.parameters()).device
+    y = torch.as_tensor(y).to(device, torch.float32)
+    shape = (y.shape[0], 1, *task.shape)
+    if y.ndim != 5 or tuple(y.shape[2:]) != tuple(task.forward(torch.zeros(1, 1, *task.shape)).shape[2:]):
+        raise ValueError(f"y {tuple(y.shape)} is not a measurement of task {task.name} on the grid {task.shape} "
+                         "(B, 1, ...): make it with task.measure(x)")
+    x = _randn(shape, generator, device) if noise is None else noise.to(device, torch.float32)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"noise {tuple(x.shape)} must have the restored image's shape {shape}")
+    was_training, was_checkpointing = model.training, getattr(model, "gradient_checkpointing", None)
+    model.eval()
+    if was_checkpointing is not None and guidance == "network":
+        model.gradient_checkpointing = checkpointing
+    try:
+        for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"DPS {task.name} ({prediction})", disable=not progress)):
+            tt = torch.full((x.shape[0],), t, dtype=torch.float32 if schedule.continuous else torch.long)
+            x_t = x.detach().requires_grad_(True)
+            with torch.set_grad_enabled(guidance == "network"), _autocast(device, dtype):
+                output = model(x_t, tt.to(device)).float()
+            x0_hat, eps_hat = to_x0_eps(prediction, output, x_t, tt, schedule)
+            loss = task.loss(x0_hat, y)  # sample prediction under conversion guidance: free of x_t
+            grad = torch.autograd.grad(loss, x_t, allow_unused=True)[0] if loss.requires_grad else None
+            grad = torch.zeros_like(x) if grad is None else grad
+            x0_hat, eps_hat = x0_hat.detach(), eps_hat.detach()
+            x = ddim_step(x0_hat, eps_hat, t_prev, eta, t, schedule, generator) - zeta * grad
+            if callback is not None:
+                callback(i, t, x, x0_hat)
+    finally:
+        model.train(was_training)
+        if was_checkpointing is not None:
+            model.gradient_checkpointing = was_checkpointing
+    return x.detach().float()
+
+# === 12. Viewing (matplotlib, widgets) ===============================================================
 
 def orthogonal_slices(volume, index=None) -> dict:
     """The three planes through voxel `index` (default: the centre) of an LPS volume (L, P, S axes).
@@ -2678,7 +2915,7 @@ def show_volumes(volumes: dict, index=None, title=None, fig=None):
     return fig
 
 
-# === 12. Command line ================================================================================
+# === 13. Command line ================================================================================
 
 
 def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -2722,19 +2959,7 @@ def _cmd_sample(args) -> int:
     if args.method != "ddim" and (args.eta or args.paper_era):
         raise ValueError(f"sample: --method {args.method} is deterministic and uses the clipped x0: --eta and "
                          "--paper-era are DDIM's options (use --method ddim)")
-    if args.weights:
-        model, meta = load_model(_weights_source(args.weights), device)
-        prediction = canonical_prediction(args.prediction or meta.get("prediction") or "")
-        if meta.get("prediction") and prediction != meta["prediction"]:
-            raise ValueError(f"sample: --prediction {prediction} contradicts --weights {args.weights}, trained for "
-                             f"{meta['prediction']}; leave --prediction out (the file says what it predicts)")
-    else:
-        if not args.prediction:
-            raise ValueError("sample: give --prediction (pretrained MedForj) or --weights FILE")
-        prediction, meta = canonical_prediction(args.prediction), {"schedule": default_schedule(args.prediction).config()}
-        model = load_pretrained(prediction, device)
-    # a file that names its prediction names its schedule too; the published files name neither
-    schedule = Schedule.from_config(meta["schedule"]) if meta.get("prediction") else default_schedule(prediction)
+    model, meta, prediction, schedule = _model_for(args, device, "sample")
     shape = tuple(args.shape or meta.get("shape") or IMAGE_SHAPE)
     if args.paper_era:
         args.spacing = "leading"
@@ -2771,6 +2996,77 @@ def _cmd_sample(args) -> int:
                               title=f"{prediction}, seed {args.seed + i}")
         print(f"wrote {path} and {png} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _model_for(args, device, command: str) -> tuple:
+    """(model, metadata, prediction, schedule) for --weights (a file, run folder or manifest name) or
+    --prediction (the pretrained MedForj model)."""
+    if args.weights:
+        model, meta = load_model(_weights_source(args.weights), device)
+        prediction = canonical_prediction(args.prediction or meta.get("prediction") or "")
+        if meta.get("prediction") and prediction != meta["prediction"]:
+            raise ValueError(f"{command}: --prediction {prediction} contradicts --weights {args.weights}, trained for "
+                             f"{meta['prediction']}; leave --prediction out (the file says what it predicts)")
+    else:
+        if not args.prediction:
+            raise ValueError(f"{command}: give --prediction (pretrained MedForj) or --weights FILE")
+        prediction, meta = canonical_prediction(args.prediction), {"schedule": default_schedule(args.prediction).config()}
+        model = load_pretrained(prediction, device)
+    # a file that names its prediction names its schedule too; the published files name neither
+    schedule = Schedule.from_config(meta["schedule"]) if meta.get("prediction") else default_schedule(prediction)
+    return model, meta, prediction, schedule
+
+
+def _cmd_solve(args) -> int:
+    device = _device(args.device)
+    model, meta, prediction, _ = _model_for(args, device, "solve")
+    grid = tuple(meta.get("shape") or IMAGE_SHAPE)
+    volume, _ = load_nifti(args.input)                                  # a clear error if unreadable
+    image = nib.load(str(args.input))
+    if volume.shape != grid:
+        raise ValueError(f"solve: {args.input} is {volume.shape}; the model works on {grid}: "
+                         + ("run `python ddpm_mini.py preprocess IN OUT` first (LPS, 1 mm, 192 x 224 x 192)"
+                            if grid == IMAGE_SHAPE else "give a volume on the grid the model was trained at"))
+    out = pathlib.Path(args.out)
+    if not out.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"solve: --out must be a .nii or .nii.gz file, got {out}")
+    _writable_folder(out.parent, "solve: the output folder")
+    x = normalize_intensity(volume)[None, None] * 2 - 1                 # min-max to [-1, 1], as the authors
+    task = inverse_task(args.task, grid, seed=args.seed)
+    y = task.measure(x, torch.Generator().manual_seed(args.seed))
+    print(f"solve: {args.task} on {args.input} with the {prediction} model on {device}, {args.steps} DPS steps "
+          f"(zeta {args.zeta if args.zeta is not None else 'default'}, guidance {args.guidance})", flush=True)
+    restored = solve_inverse(model, prediction, y.to(device), task, steps=args.steps, zeta=args.zeta,
+                             guidance=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                             dtype=args.dtype)
+    save_nifti(restored[0, 0], out, affine=image.affine, header=image.header)
+    stem = out.name.split(".nii")[0]
+    if args.save_measurement:
+        for name, vol in (("baseline", task.baseline(y)[0, 0]),) + ((("measured", y[0, 0]),) if y.shape == x.shape else ()):
+            print(f"wrote {save_nifti(vol, out.with_name(f'{stem}_{name}.nii.gz'), affine=image.affine, header=image.header)}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _solve_parser(sub):
+    p = _subcommand(sub, "solve", "restore a scan from a simulated measurement with the model as prior (DPS, the "
+                       "authors' five tasks): reads IN, simulates the task's measurement, solves, writes the result "
+                       "with IN's affine and header")
+    p.add_argument("--task", required=True, choices=INVERSE_TASKS, help="the measurement to simulate and invert")
+    p.add_argument("--in", dest="input", required=True, help="a NIfTI volume on the model's grid (preprocess first)")
+    p.add_argument("--out", required=True, help="output .nii.gz")
+    p.add_argument("--prediction", help=f"pretrained MedForj model to fetch ({', '.join(ALL_PREDICTIONS)})")
+    p.add_argument("--weights", help="a weights file, run folder or manifest name (e.g. teaching_flow) instead")
+    p.add_argument("--steps", type=_COUNT, default=256, help="DPS steps, one network call each (default 256, the authors')")
+    p.add_argument("--zeta", type=_number(float, 0), help="guidance weight (default: the authors', scaled to the grid)")
+    p.add_argument("--guidance", choices=("conversion", "network"), default="conversion",
+                   help="conversion (default, the authors': gradient through the x0 conversion only) or network "
+                        "(through the U-Net too: about 3x the time)")
+    p.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the measurement and the sampler")
+    p.add_argument("--save-measurement", action="store_true",
+                   help="also write <out>_baseline.nii.gz (and <out>_measured.nii.gz for image-shaped measurements)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="CUDA precision (default float16)")
 
 
 def _weights_source(value: str):
@@ -3068,7 +3364,8 @@ def _evaluate_parser(sub):
 
 _COMMANDS = [("demo", _demo_parser, _cmd_demo), ("train", _train_parser, _cmd_train),
              ("sample", _sample_parser, _cmd_sample), ("fetch", _fetch_parser, _cmd_fetch),
-             ("preprocess", _preprocess_parser, _cmd_preprocess), ("evaluate", _evaluate_parser, _cmd_evaluate)]
+             ("preprocess", _preprocess_parser, _cmd_preprocess), ("evaluate", _evaluate_parser, _cmd_evaluate),
+             ("solve", _solve_parser, _cmd_solve)]
 
 
 def _subcommand(sub, name: str, text: str) -> argparse.ArgumentParser:

@@ -409,6 +409,15 @@ def _as_batch(volumes) -> torch.Tensor:
     return x
 
 
+def psnr(x, truth, where=None, data_range: float = 2.0) -> float:
+    """Mean PSNR in dB over a batch: 10 log10(data_range^2 / MSE) per volume (2 for [-1, 1]), then
+    averaged; `where` (a bool mask of x's shape) scores only those voxels."""
+    x, truth = _as_batch(x).double(), _as_batch(truth).double()
+    where = torch.ones_like(x, dtype=torch.bool) if where is None else _as_batch(where).bool()
+    mse = torch.stack([((a - b)[w] ** 2).mean() for a, b, w in zip(x, truth, where)])
+    return float((10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))).mean())
+
+
 def intensity_histogram(volumes, bins=128, range=(-1.0, 1.0), mask=None) -> tuple:
     """Pooled intensity histogram of N volumes -> (p (bins,) summing to 1, edges (bins + 1,)).
 

@@ -280,3 +280,16 @@ def test_shipped_teaching_model_draws_what_its_row_promises(prediction, one_thre
         assert ok >= 3, [round(score.tdice(v), 3) for v in x]
     else:
         assert ok == 0  # the row says: not recognisable; if this changes, update docs and this test
+
+
+def test_psnr():
+    """10 log10(4 / MSE) per volume, averaged; a mask scores only its voxels."""
+    truth = torch.zeros(2, 1, 4, 4, 4)
+    x = truth.clone()
+    x[0] += 0.1                                           # MSE 0.01 -> 26.02 dB
+    x[1, 0, 0] += 0.2                                     # MSE 0.04 on a quarter of the voxels
+    assert lab.psnr(x[:1], truth[:1]) == pytest.approx(10 * np.log10(400), abs=1e-6)
+    where = torch.zeros_like(x, dtype=torch.bool)
+    where[:, 0, 0] = True
+    assert lab.psnr(x[1:], truth[1:], where=where[1:]) == pytest.approx(10 * np.log10(100), abs=1e-6)
+    assert lab.psnr(x, truth) == pytest.approx((10 * np.log10(400) + 10 * np.log10(4 / 0.01)) / 2, abs=1e-6)

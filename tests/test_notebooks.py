@@ -24,7 +24,8 @@ import ddpm_mini as dm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ["00_quickstart", "01_parameterizations", "02_sampling", "03_training", "04_evaluation"]
+NAMES = ["00_quickstart", "01_parameterizations", "02_sampling", "03_training", "04_evaluation",
+         "05_inverse_problems"]
 CELL_TIMEOUT = 300          # seconds per cell (nbclient)
 FETCHES = {"00_quickstart", "02_sampling"}   # notebooks that download the MedForj weights
 STANDIN_NAMES = [f"MedForj-weights-{tag}_ema.safetensors" for tag in ("clean", "velocity", "flow", "rflow", "noise")]
@@ -44,7 +45,7 @@ def _code(cell) -> str:
 # --- The stored notebooks -----------------------------------------------------------------------
 
 
-def test_the_five_notebooks_exist():
+def test_the_six_notebooks_exist():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
 
 
