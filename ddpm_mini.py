@@ -3031,7 +3031,7 @@ def _cmd_solve(args) -> int:
     if not out.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"solve: --out must be a .nii or .nii.gz file, got {out}")
     _writable_folder(out.parent, "solve: the output folder")
-    x = normalize_intensity(volume)[None, None] * 2 - 1                 # min-max to [-1, 1], as the authors
+    x = normalize_intensity(volume)[None, None]                         # min-max to [-1, 1], as the authors
     task = inverse_task(args.task, grid, seed=args.seed)
     y = task.measure(x, torch.Generator().manual_seed(args.seed))
     print(f"solve: {args.task} on {args.input} with the {prediction} model on {device}, {args.steps} DPS steps "

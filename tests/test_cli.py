@@ -684,6 +684,13 @@ def test_cli_solve(tmp_path, capsys):
     assert restored.shape == dm.TEACHING_SHAPE and np.array_equal(restored.affine, affine)
     assert restored.get_data_dtype() == np.uint16 and restored.header.get_zooms() == (3.0, 3.0, 3.0)
     assert (tmp_path / "r_baseline.nii.gz").exists() and (tmp_path / "r_measured.nii.gz").exists()
+    model, _ = dm.load_model(dm.fetch("teaching_flow"), "cpu")      # the same solve through the API
+    x = dm.normalize_intensity(dm.load_nifti(source)[0])[None, None]  # the input min-maxed to [-1, 1]
+    assert float(x.min()) == -1 and float(x.max()) == 1
+    task = dm.inverse_task("inpainting", dm.TEACHING_SHAPE, seed=0)
+    y = task.measure(x, torch.Generator().manual_seed(0))
+    api = dm.solve_inverse(model, "flow", y, task, steps=2, generator=torch.Generator().manual_seed(0), progress=False)
+    assert np.array_equal(np.asarray(restored.dataobj), dm.to_uint16(dm.normalize_intensity(api[0, 0])))
     small = dm.save_nifti(dm.phantom(3, (16, 16, 16))[0], tmp_path / "small.nii.gz")
     assert dm.main(["solve", "--task", "motion", "--weights", "teaching_flow", "--steps", "2", "--in", str(small),
                     "--out", str(tmp_path / "no.nii.gz")]) == 1
