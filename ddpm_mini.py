@@ -1319,23 +1319,29 @@ def to_uint16(x) -> np.ndarray:
     return np.round((np.clip(x, -1, 1) + 1) / 2 * 65535).astype(np.uint16)
 
 
-def grid_affine(shape) -> np.ndarray:
-    """The affine of a volume on the model grid's field of view: LPS, isotropic voxels of
-    224 / max(shape) mm (the longest axis spans IMAGE_SHAPE's 224 mm), origin at voxel 0:
-    LPS_AFFINE (1 mm) for IMAGE_SHAPE, 4.67 mm for TEACHING_SHAPE, as phantom() draws them."""
-    return LPS_AFFINE @ np.diag([*_phantom_voxel_mm(shape), 1.0])
+def grid_affine(shape, voxel_mm=None) -> np.ndarray:
+    """The affine of a generated volume (sample, phantom): LPS, isotropic voxels of voxel_mm
+    (default 224 / max(shape): the longest axis spans IMAGE_SHAPE's 224 mm, as phantom() draws),
+    and the grid centre, voxel (shape - 1) / 2, at world (0, 0, 0): the head centre, as in a
+    preprocessed scan (docs/methods.md#file-geometry). 1 mm on IMAGE_SHAPE, 4.67 mm on TEACHING_SHAPE."""
+    affine = LPS_AFFINE @ np.diag([*_phantom_voxel_mm(shape, voxel_mm), 1.0])
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape, float) - 1) / 2)
+    return affine
 
 
-def save_nifti(volume, path, affine=None, header=None) -> pathlib.Path:
+def save_nifti(volume, path, affine=None, header=None, voxel_mm=None) -> pathlib.Path:
     """Write a volume (X, Y, Z), or (1, X, Y, Z) / (1, 1, X, Y, Z), as uint16 NIfTI, atomically.
     Intensities are min-max scaled over the volume to 0..65535 (the reference generator's
-    convention: a constant volume is written as zeros); affine defaults to grid_affine(shape):
-    1 mm LPS on IMAGE_SHAPE, coarser voxels over the same field of view on smaller grids.
-    header: a NIfTI header to copy (e.g. the input's), written as uint16 with scale 1, offset 0."""
+    convention: a constant volume is written as zeros); affine defaults to grid_affine(shape,
+    voxel_mm). qform and sform both hold the affine, with header's codes when it has them (e.g. an
+    input's, for a result on its grid), else code 2 (aligned: the kit's head-centred frame).
+    header: a NIfTI header to copy, written as uint16 with scale 1, offset 0."""
     arr, _ = _as_volume(volume, "save_nifti's volume")
-    header = None if header is None else header.copy()
-    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), grid_affine(arr.shape) if affine is None else np.asarray(affine),
-                          header)
+    affine = grid_affine(arr.shape, voxel_mm) if affine is None else np.asarray(affine, np.float64)
+    codes = [int(header[k]) for k in ("qform_code", "sform_code")] if header is not None else [0, 0]
+    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), affine, None if header is None else header.copy())
+    img.set_qform(affine, codes[0] or max(codes) or 2)
+    img.set_sform(affine, codes[1] or max(codes) or 2)
     img.set_data_dtype(np.uint16)
     img.header.set_slope_inter(1, 0)
     img.header.set_xyzt_units("mm")
@@ -1416,6 +1422,10 @@ def preprocess(image_or_path, mask=None) -> nib.Nifti1Image:
     inv = np.linalg.inv(affine)
     out[:3, 3] = affine[:3, :3] @ np.round(inv[:3, :3] @ out[:3, 3] + inv[:3, 3]) + affine[:3, 3]
     img = nib.Nifti1Image(np.round(_warp(arr, inv @ out, IMAGE_SHAPE).numpy() * 65535).astype(np.uint16), out)
+    source = nib.load(str(image_or_path)) if isinstance(image_or_path, (str, os.PathLike)) else image_or_path
+    codes = [int(source.header.get(k, 0)) for k in ("sform_code", "qform_code")]  # the input's world (1: scanner)
+    img.set_qform(out, next((c for c in codes if c), 1))
+    img.set_sform(out, next((c for c in codes if c), 1))
     img.header.set_xyzt_units("mm")
     return img
 
@@ -2807,11 +2817,17 @@ def orthogonal_slices(volume, index=None) -> dict:
 
     Returns {"axial", "coronal", "sagittal": 2-D arrays} laid out for imshow(origin="lower"):
     superior up in coronal and sagittal, anterior up in axial; the subject's left on
-    the image's right (radiological convention) in axial and coronal.
+    the image's right (radiological convention) in axial and coronal; anterior on the right in
+    sagittal. Every figure states it in its panel titles (PLANE_TITLES).
     """
     v, _ = _as_volume(volume, "volume")
     i, j, k = index if index is not None else tuple(s // 2 for s in v.shape)
     return {"axial": v[:, ::-1, k].T, "coronal": v[:, j, :].T, "sagittal": v[i, :, :].T[:, ::-1]}
+
+
+#: Panel titles with each plane's display convention (orthogonal_slices' layout).
+PLANE_TITLES = {"axial": "axial (A up, L right)", "coronal": "coronal (S up, L right)",
+                "sagittal": "sagittal (S up, A right)"}
 
 
 def show_slices(volume, index=None, title=None, fig=None, vmin=None, vmax=None):
@@ -2824,7 +2840,7 @@ def show_slices(volume, index=None, title=None, fig=None, vmin=None, vmax=None):
     axes = fig.subplots(1, 3)
     for ax, (name, plane) in zip(axes, orthogonal_slices(v, index).items()):
         ax.imshow(plane, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(PLANE_TITLES[name], fontsize=10)
         ax.axis("off")
     if title:
         fig.suptitle(title)
@@ -2908,7 +2924,7 @@ def show_volumes(volumes: dict, index=None, title=None, fig=None):
         for ax, (plane, image) in zip(row, orthogonal_slices(v, index).items()):
             ax.imshow(image, cmap="gray", origin="lower", vmin=float(v.min()), vmax=float(v.max()),
                       interpolation="nearest")
-            ax.set_title(f"{name}: {plane}", fontsize=9)
+            ax.set_title(f"{name}: {PLANE_TITLES[plane]}", fontsize=9)
             ax.axis("off")
     if title:
         fig.suptitle(title)
@@ -2961,6 +2977,7 @@ def _cmd_sample(args) -> int:
                          "--paper-era are DDIM's options (use --method ddim)")
     model, meta, prediction, schedule = _model_for(args, device, "sample")
     shape = tuple(args.shape or meta.get("shape") or IMAGE_SHAPE)
+    voxel_mm = 224 / max(meta.get("shape") or IMAGE_SHAPE)  # the trained grid's voxel: a larger --shape is a larger view
     if args.paper_era:
         args.spacing = "leading"
     steps = timestep_pairs(args.steps, args.spacing, schedule)  # validate before any work
@@ -2973,7 +2990,7 @@ def _cmd_sample(args) -> int:
         if not path.name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"sample: the output must be a .nii or .nii.gz file, got {path}")
         _writable_folder(path.parent, "sample: the output folder")
-    print(f"sampling {len(outputs)} x {shape} with the {prediction} model on {device}, "
+    print(f"sampling {len(outputs)} x {shape} ({voxel_mm:.3g} mm voxels) with the {prediction} model on {device}, "
           f"{args.method}, {len(steps)} {args.spacing} steps" + (f", eta {args.eta}" if args.method == "ddim" else "")
           + (", paper-era (raw eps)" if args.paper_era else ""))
     for i, path in enumerate(outputs):
@@ -2991,7 +3008,7 @@ def _cmd_sample(args) -> int:
                    spacing=args.spacing, schedule=schedule, generator=torch.Generator().manual_seed(args.seed + i),
                    recompute_eps=not args.paper_era, method=args.method,
                    callback=eta_after_first, dtype=args.dtype)
-        save_nifti(x[0, 0], path)
+        save_nifti(x[0, 0], path, voxel_mm=voxel_mm)
         png = save_slices_png(x[0, 0], path.with_name(path.name.split(".nii")[0] + ".png"),
                               title=f"{prediction}, seed {args.seed + i}")
         print(f"wrote {path} and {png} ({time.perf_counter() - start:.1f} s)")

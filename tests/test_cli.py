@@ -657,7 +657,10 @@ def test_cli_sample_with_the_dpm_solver(tmp_path, capsys):
     out = tmp_path / "s.nii.gz"
     assert dm.main(["sample", "--weights", "teaching_flow", "--method", "dpm++2m", "--steps", "3", "--shape", "16", "16",
                     "16", "--out", str(out), "--device", "cpu"]) == 0
-    assert "dpm++2m, 3 linspace steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "dpm++2m, 3 linspace steps" in printed and "16, 16, 16) (4.67 mm voxels)" in printed
+    # a larger or smaller --shape is a larger or smaller view at the trained grid's voxel, 224 / 48 mm
+    np.testing.assert_allclose(nib.load(out).header.get_zooms(), [224 / 48] * 3, rtol=1e-6)
     model, _ = dm.load_model(dm.fetch("teaching_flow"), "cpu")
     x = dm.sample(model, "flow", shape=(1, 1, 16, 16, 16), steps=3, method="dpm++2m",
                   generator=torch.Generator().manual_seed(0), progress=False)
