@@ -44,6 +44,7 @@ import gzip
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -1225,6 +1226,8 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     for stale in (cache_dir() / name).glob("tmp*"):  # Pooch's temporary of a download that was killed
         if stale.is_file() and time.time() - stale.stat().st_mtime > 600:
             stale.unlink()
+    hint = _NoHashHint()  # Pooch's developer hint ("use this value as known_hash") after unhashed downloads
+    pooch.get_logger().addFilter(hint)
     try:
         path = pooch.retrieve(url, known_hash, fname=fname, path=cache_dir() / name,
                               downloader=downloader, progressbar=False if local else None)
@@ -1234,6 +1237,8 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     except Exception as err:
         raise ConnectionError(f"could not fetch {name!r} from {url}: {type(err).__name__}: {err}. Offline? Put "
                               f"{fname} in a folder (or on a server) and set DDPM_MINI_MIRROR to it.") from None
+    finally:
+        pooch.get_logger().removeFilter(hint)
     path = pathlib.Path(path)
     if row.get("size") and path.stat().st_size != int(row["size"]):
         got = path.stat().st_size
@@ -1243,6 +1248,11 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     if known_hash is None:
         _trust_on_first_use(name, path)
     return path
+
+
+class _NoHashHint(logging.Filter):
+    def filter(self, record) -> bool:
+        return "known_hash" not in record.getMessage()
 
 
 def _trust_on_first_use(name: str, path: pathlib.Path) -> None:
@@ -1748,7 +1758,9 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))  # (EMA tensor, its source)
     recorded = dict(prediction=prediction, schedule=schedule, seed=seed, batch_size=batch_size * world, lr=lr,
                     ema_decay=ema_decay, ema_warmup=ema_warmup, max_grad_norm=max_grad_norm)  # in every checkpoint
-    bar = tqdm(total=steps, initial=step, desc=f"training ({prediction})", disable=not progress or rank != 0)
+    capped = f", up to {max_minutes:g} min" if max_minutes is not None else ""  # a time cap: no step total to count to
+    bar = tqdm(total=None if capped else steps, initial=step, desc=f"training ({prediction}{capped})",
+               disable=not progress or rank != 0)
     started = time.perf_counter()
     while step < steps:
         x0, used = next(batches)
@@ -3305,6 +3317,9 @@ def _cmd_demo(args) -> int:
             row[column] = f"{v.mean():.1f} ± {v.std():.1f}"
         rows.append(row)
     print(format_table(rows))
+    if not args.pretrained:
+        print(f"your model has trained {len(result.history)} steps in {out}: README's lab table says how many steps "
+              f"each parameterization needs before its samples are recognisable; run demo again to train further")
     return 0
 
 
@@ -3376,7 +3391,9 @@ def _evaluate_parser(sub):
     p.add_argument("--merge-lr", action="store_true", help="sum left and right structures first")
     p.add_argument("--permutations", type=_COUNT, default=10000, help="relabellings per test (default 10000)")
     p.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the relabellings (default 0)")
-    p.add_argument("--correction", choices=("holm", "fdr"), default="holm")
+    p.add_argument("--correction", choices=("holm", "fdr"), default="holm",
+                   help="multiple-testing correction across structures: holm (default, family-wise) or fdr "
+                        "(Benjamini-Hochberg)")
 
 
 _COMMANDS = [("demo", _demo_parser, _cmd_demo), ("train", _train_parser, _cmd_train),
@@ -3386,7 +3403,11 @@ _COMMANDS = [("demo", _demo_parser, _cmd_demo), ("train", _train_parser, _cmd_tr
 
 
 def _subcommand(sub, name: str, text: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=text, description=text)
+    p = sub.add_parser(name, help=text, description=text)
+    if name != "fetch":
+        p.add_argument("--threads", type=_COUNT, help="CPU threads for torch (default: torch's, one per core); on a "
+                       "shared machine or lab server use 1-2: busy cores make more threads slower (README)")
+    return p
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -3405,8 +3426,10 @@ def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args) or 0
     except (ValueError, OSError, nib.filebasedimages.ImageFileError) as err:  # FileNotFound, Connection: OSErrors

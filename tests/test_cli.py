@@ -42,6 +42,11 @@ def test_every_command_has_help(capsys):
         assert flag in printed
     assert "<prediction>_model_seed<NNNN>.nii.gz" in printed      # sample --out-dir names its files
     assert printed.count("40 48 40") >= 2                         # TEACHING_SHAPE: train's and demo's default size
+    parser = dm._build_parser()  # every option of every command says what it does
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+        assert ("--threads" in sub._option_string_actions) == (name != "fetch"), name
     out = subprocess.run([sys.executable, dm.__file__, "sample", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--prediction" in out and "--spacing" in out
     with pytest.raises(SystemExit) as exit_:
@@ -53,7 +58,7 @@ def test_main_reports_expected_errors_and_nothing_else(tmp_path, monkeypatch, cl
     """No command: the help, exit status 2. ValueError, OSError (FileNotFoundError, ConnectionError)
     and nibabel's ImageFileError: `error: ...` on stderr, status 1 (preprocess's: test_cli_preprocess).
     Anything else is a bug and propagates; bad options are argparse's (SystemExit 2)."""
-    assert dm.main([]) == 2 and "usage: ddpm_mini.py" in capsys.readouterr().out
+    assert dm.main([]) == 2 and "usage: ddpm_mini.py" in capsys.readouterr().err  # help on stderr: an error
     assert dm.main(["train", "--prediction", "flow", "--out", str(tmp_path / "run")]) == 1     # ValueError
     assert capsys.readouterr().err == "error: train: give --phantoms or --data DIR (one of them)\n"
     write_manifest(tmp_path / "m.csv", [dict(name="x", kind="volume", group="g", url=f"http://127.0.0.1:{closed_port}/x.bin",
@@ -699,3 +704,20 @@ def test_cli_solve(tmp_path, capsys):
                     "--out", str(tmp_path / "no.nii.gz")]) == 1
     assert "the model works on (40, 48, 40): give a volume on the grid" in capsys.readouterr().err
     assert not (tmp_path / "no.nii.gz").exists()
+
+
+def test_threads_option_sets_torchs_thread_count(tmp_path, capsys):
+    """--threads N: torch.set_num_threads(N) before the command runs (0 or text is refused by argparse)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert dm.main(["evaluate", "--real", str(tmp_path / "none"), "--synthetic", f"a={tmp_path / 'none'}",
+                        "--out", str(tmp_path / "o"), "--threads", "1"]) == 1     # the command fails, the option held
+        assert torch.get_num_threads() == 1
+        for bad in ("0", "two"):
+            with pytest.raises(SystemExit):
+                dm.main(["sample", "--threads", bad])
+        err = capsys.readouterr().err
+        assert "argument --threads: 0 is outside [1, inf)" in err and "argument --threads: 'two' is not an integer" in err
+    finally:
+        torch.set_num_threads(before)
