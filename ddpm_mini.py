@@ -44,6 +44,7 @@ import gzip
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -1225,6 +1226,8 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     for stale in (cache_dir() / name).glob("tmp*"):  # Pooch's temporary of a download that was killed
         if stale.is_file() and time.time() - stale.stat().st_mtime > 600:
             stale.unlink()
+    hint = _NoHashHint()  # Pooch's developer hint ("use this value as known_hash") after unhashed downloads
+    pooch.get_logger().addFilter(hint)
     try:
         path = pooch.retrieve(url, known_hash, fname=fname, path=cache_dir() / name,
                               downloader=downloader, progressbar=False if local else None)
@@ -1234,6 +1237,8 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     except Exception as err:
         raise ConnectionError(f"could not fetch {name!r} from {url}: {type(err).__name__}: {err}. Offline? Put "
                               f"{fname} in a folder (or on a server) and set DDPM_MINI_MIRROR to it.") from None
+    finally:
+        pooch.get_logger().removeFilter(hint)
     path = pathlib.Path(path)
     if row.get("size") and path.stat().st_size != int(row["size"]):
         got = path.stat().st_size
@@ -1243,6 +1248,11 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
     if known_hash is None:
         _trust_on_first_use(name, path)
     return path
+
+
+class _NoHashHint(logging.Filter):
+    def filter(self, record) -> bool:
+        return "known_hash" not in record.getMessage()
 
 
 def _trust_on_first_use(name: str, path: pathlib.Path) -> None:
@@ -1319,23 +1329,29 @@ def to_uint16(x) -> np.ndarray:
     return np.round((np.clip(x, -1, 1) + 1) / 2 * 65535).astype(np.uint16)
 
 
-def grid_affine(shape) -> np.ndarray:
-    """The affine of a volume on the model grid's field of view: LPS, isotropic voxels of
-    224 / max(shape) mm (the longest axis spans IMAGE_SHAPE's 224 mm), origin at voxel 0:
-    LPS_AFFINE (1 mm) for IMAGE_SHAPE, 4.67 mm for TEACHING_SHAPE, as phantom() draws them."""
-    return LPS_AFFINE @ np.diag([*_phantom_voxel_mm(shape), 1.0])
+def grid_affine(shape, voxel_mm=None) -> np.ndarray:
+    """The affine of a generated volume (sample, phantom): LPS, isotropic voxels of voxel_mm
+    (default 224 / max(shape): the longest axis spans IMAGE_SHAPE's 224 mm, as phantom() draws),
+    and the grid centre, voxel (shape - 1) / 2, at world (0, 0, 0): the head centre, as in a
+    preprocessed scan (docs/methods.md#file-geometry). 1 mm on IMAGE_SHAPE, 4.67 mm on TEACHING_SHAPE."""
+    affine = LPS_AFFINE @ np.diag([*_phantom_voxel_mm(shape, voxel_mm), 1.0])
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape, float) - 1) / 2)
+    return affine
 
 
-def save_nifti(volume, path, affine=None, header=None) -> pathlib.Path:
+def save_nifti(volume, path, affine=None, header=None, voxel_mm=None) -> pathlib.Path:
     """Write a volume (X, Y, Z), or (1, X, Y, Z) / (1, 1, X, Y, Z), as uint16 NIfTI, atomically.
     Intensities are min-max scaled over the volume to 0..65535 (the reference generator's
-    convention: a constant volume is written as zeros); affine defaults to grid_affine(shape):
-    1 mm LPS on IMAGE_SHAPE, coarser voxels over the same field of view on smaller grids.
-    header: a NIfTI header to copy (e.g. the input's), written as uint16 with scale 1, offset 0."""
+    convention: a constant volume is written as zeros); affine defaults to grid_affine(shape,
+    voxel_mm). qform and sform both hold the affine, with header's codes when it has them (e.g. an
+    input's, for a result on its grid), else code 2 (aligned: the kit's head-centred frame).
+    header: a NIfTI header to copy, written as uint16 with scale 1, offset 0."""
     arr, _ = _as_volume(volume, "save_nifti's volume")
-    header = None if header is None else header.copy()
-    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), grid_affine(arr.shape) if affine is None else np.asarray(affine),
-                          header)
+    affine = grid_affine(arr.shape, voxel_mm) if affine is None else np.asarray(affine, np.float64)
+    codes = [int(header[k]) for k in ("qform_code", "sform_code")] if header is not None else [0, 0]
+    img = nib.Nifti1Image(to_uint16(normalize_intensity(arr)), affine, None if header is None else header.copy())
+    img.set_qform(affine, codes[0] or max(codes) or 2)
+    img.set_sform(affine, codes[1] or max(codes) or 2)
     img.set_data_dtype(np.uint16)
     img.header.set_slope_inter(1, 0)
     img.header.set_xyzt_units("mm")
@@ -1416,6 +1432,10 @@ def preprocess(image_or_path, mask=None) -> nib.Nifti1Image:
     inv = np.linalg.inv(affine)
     out[:3, 3] = affine[:3, :3] @ np.round(inv[:3, :3] @ out[:3, 3] + inv[:3, 3]) + affine[:3, 3]
     img = nib.Nifti1Image(np.round(_warp(arr, inv @ out, IMAGE_SHAPE).numpy() * 65535).astype(np.uint16), out)
+    source = nib.load(str(image_or_path)) if isinstance(image_or_path, (str, os.PathLike)) else image_or_path
+    codes = [int(source.header.get(k, 0)) for k in ("sform_code", "qform_code")]  # the input's world (1: scanner)
+    img.set_qform(out, next((c for c in codes if c), 1))
+    img.set_sform(out, next((c for c in codes if c), 1))
     img.header.set_xyzt_units("mm")
     return img
 
@@ -1738,7 +1758,9 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))  # (EMA tensor, its source)
     recorded = dict(prediction=prediction, schedule=schedule, seed=seed, batch_size=batch_size * world, lr=lr,
                     ema_decay=ema_decay, ema_warmup=ema_warmup, max_grad_norm=max_grad_norm)  # in every checkpoint
-    bar = tqdm(total=steps, initial=step, desc=f"training ({prediction})", disable=not progress or rank != 0)
+    capped = f", up to {max_minutes:g} min" if max_minutes is not None else ""  # a time cap: no step total to count to
+    bar = tqdm(total=None if capped else steps, initial=step, desc=f"training ({prediction}{capped})",
+               disable=not progress or rank != 0)
     started = time.perf_counter()
     while step < steps:
         x0, used = next(batches)
@@ -2807,11 +2829,17 @@ def orthogonal_slices(volume, index=None) -> dict:
 
     Returns {"axial", "coronal", "sagittal": 2-D arrays} laid out for imshow(origin="lower"):
     superior up in coronal and sagittal, anterior up in axial; the subject's left on
-    the image's right (radiological convention) in axial and coronal.
+    the image's right (radiological convention) in axial and coronal; anterior on the right in
+    sagittal. Every figure states it in its panel titles (PLANE_TITLES).
     """
     v, _ = _as_volume(volume, "volume")
     i, j, k = index if index is not None else tuple(s // 2 for s in v.shape)
     return {"axial": v[:, ::-1, k].T, "coronal": v[:, j, :].T, "sagittal": v[i, :, :].T[:, ::-1]}
+
+
+#: Panel titles with each plane's display convention (orthogonal_slices' layout).
+PLANE_TITLES = {"axial": "axial (A up, L right)", "coronal": "coronal (S up, L right)",
+                "sagittal": "sagittal (S up, A right)"}
 
 
 def show_slices(volume, index=None, title=None, fig=None, vmin=None, vmax=None):
@@ -2824,7 +2852,7 @@ def show_slices(volume, index=None, title=None, fig=None, vmin=None, vmax=None):
     axes = fig.subplots(1, 3)
     for ax, (name, plane) in zip(axes, orthogonal_slices(v, index).items()):
         ax.imshow(plane, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(PLANE_TITLES[name], fontsize=10)
         ax.axis("off")
     if title:
         fig.suptitle(title)
@@ -2908,7 +2936,7 @@ def show_volumes(volumes: dict, index=None, title=None, fig=None):
         for ax, (plane, image) in zip(row, orthogonal_slices(v, index).items()):
             ax.imshow(image, cmap="gray", origin="lower", vmin=float(v.min()), vmax=float(v.max()),
                       interpolation="nearest")
-            ax.set_title(f"{name}: {plane}", fontsize=9)
+            ax.set_title(f"{name}: {PLANE_TITLES[plane]}", fontsize=9)
             ax.axis("off")
     if title:
         fig.suptitle(title)
@@ -2961,6 +2989,7 @@ def _cmd_sample(args) -> int:
                          "--paper-era are DDIM's options (use --method ddim)")
     model, meta, prediction, schedule = _model_for(args, device, "sample")
     shape = tuple(args.shape or meta.get("shape") or IMAGE_SHAPE)
+    voxel_mm = 224 / max(meta.get("shape") or IMAGE_SHAPE)  # the trained grid's voxel: a larger --shape is a larger view
     if args.paper_era:
         args.spacing = "leading"
     steps = timestep_pairs(args.steps, args.spacing, schedule)  # validate before any work
@@ -2973,7 +3002,7 @@ def _cmd_sample(args) -> int:
         if not path.name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"sample: the output must be a .nii or .nii.gz file, got {path}")
         _writable_folder(path.parent, "sample: the output folder")
-    print(f"sampling {len(outputs)} x {shape} with the {prediction} model on {device}, "
+    print(f"sampling {len(outputs)} x {shape} ({voxel_mm:.3g} mm voxels) with the {prediction} model on {device}, "
           f"{args.method}, {len(steps)} {args.spacing} steps" + (f", eta {args.eta}" if args.method == "ddim" else "")
           + (", paper-era (raw eps)" if args.paper_era else ""))
     for i, path in enumerate(outputs):
@@ -2991,7 +3020,7 @@ def _cmd_sample(args) -> int:
                    spacing=args.spacing, schedule=schedule, generator=torch.Generator().manual_seed(args.seed + i),
                    recompute_eps=not args.paper_era, method=args.method,
                    callback=eta_after_first, dtype=args.dtype)
-        save_nifti(x[0, 0], path)
+        save_nifti(x[0, 0], path, voxel_mm=voxel_mm)
         png = save_slices_png(x[0, 0], path.with_name(path.name.split(".nii")[0] + ".png"),
                               title=f"{prediction}, seed {args.seed + i}")
         print(f"wrote {path} and {png} ({time.perf_counter() - start:.1f} s)")
@@ -3031,7 +3060,7 @@ def _cmd_solve(args) -> int:
     if not out.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"solve: --out must be a .nii or .nii.gz file, got {out}")
     _writable_folder(out.parent, "solve: the output folder")
-    x = normalize_intensity(volume)[None, None] * 2 - 1                 # min-max to [-1, 1], as the authors
+    x = normalize_intensity(volume)[None, None]                         # min-max to [-1, 1], as the authors
     task = inverse_task(args.task, grid, seed=args.seed)
     y = task.measure(x, torch.Generator().manual_seed(args.seed))
     print(f"solve: {args.task} on {args.input} with the {prediction} model on {device}, {args.steps} DPS steps "
@@ -3288,6 +3317,9 @@ def _cmd_demo(args) -> int:
             row[column] = f"{v.mean():.1f} ± {v.std():.1f}"
         rows.append(row)
     print(format_table(rows))
+    if not args.pretrained:
+        print(f"your model has trained {len(result.history)} steps in {out}: README's lab table says how many steps "
+              f"each parameterization needs before its samples are recognisable; run demo again to train further")
     return 0
 
 
@@ -3359,7 +3391,9 @@ def _evaluate_parser(sub):
     p.add_argument("--merge-lr", action="store_true", help="sum left and right structures first")
     p.add_argument("--permutations", type=_COUNT, default=10000, help="relabellings per test (default 10000)")
     p.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the relabellings (default 0)")
-    p.add_argument("--correction", choices=("holm", "fdr"), default="holm")
+    p.add_argument("--correction", choices=("holm", "fdr"), default="holm",
+                   help="multiple-testing correction across structures: holm (default, family-wise) or fdr "
+                        "(Benjamini-Hochberg)")
 
 
 _COMMANDS = [("demo", _demo_parser, _cmd_demo), ("train", _train_parser, _cmd_train),
@@ -3369,7 +3403,11 @@ _COMMANDS = [("demo", _demo_parser, _cmd_demo), ("train", _train_parser, _cmd_tr
 
 
 def _subcommand(sub, name: str, text: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=text, description=text)
+    p = sub.add_parser(name, help=text, description=text)
+    if name != "fetch":
+        p.add_argument("--threads", type=_COUNT, help="CPU threads for torch (default: torch's, one per core); on a "
+                       "shared machine or lab server use 1-2: busy cores make more threads slower (README)")
+    return p
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -3388,8 +3426,10 @@ def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args) or 0
     except (ValueError, OSError, nib.filebasedimages.ImageFileError) as err:  # FileNotFound, Connection: OSErrors

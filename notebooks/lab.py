@@ -560,24 +560,26 @@ class PhantomScore:
 def comparison_summary(rows, baseline="segmented", alpha=0.05) -> str:
     """One paragraph, from dm.comparison_report's table rows, on which set is closest to the truth.
 
-    Per set: mean |Cohen's d| over the structures, mean W1 in units of the truth's SD, and how
-    many structures differ at adjusted p < alpha. Sets are ranked by mean |d| (smaller is
-    closer); the baseline set (real phantoms put through the segmenter) is the floor. Every set
-    whose name contains "noise" gets a sentence on whether noise prediction lags the others."""
+    Per set: mean W1 in units of the truth's SD over the structures, mean |Cohen's d|, and how
+    many structures differ at adjusted p < alpha. Sets are ranked by mean W1 (smaller is closer):
+    W1 compares whole distributions, while |d| shrinks when a model's volumes scatter widely (a
+    model far from the truth with a huge spread can have a small d). The baseline set (real
+    phantoms put through the segmenter) is the floor. Every set whose name contains "noise" gets
+    a sentence on whether noise prediction lags the others."""
     stats = {}
     for r in rows:
         s = stats.setdefault(r["set"], {"d": [], "w": [], "hits": 0})
         s["d"].append(abs(r["cohen_d"]))
         s["w"].append(r["wasserstein"] / max(r["sd_real"], 1e-12))
         s["hits"] += r["p_adjusted"] < alpha
-    models = sorted((k for k in stats if k != baseline), key=lambda k: np.mean(stats[k]["d"]))
+    models = sorted((k for k in stats if k != baseline), key=lambda k: np.mean(stats[k]["w"]))
     if not models:
         raise ValueError(f"comparison_summary: no set besides the baseline {baseline!r}")
     n = len(stats[models[0]]["d"])
 
     def describe(k):
         s = stats[k]
-        return (f"mean |d| {np.mean(s['d']):.2f}, W1 {np.mean(s['w']):.2f} truth-SDs, "
+        return (f"W1 {np.mean(s['w']):.2f} truth-SDs, mean |d| {np.mean(s['d']):.2f}, "
                 f"{s['hits']} of {n} structures different at adjusted p < {alpha:g}")
     text = [f"Closest to the truth: {models[0]} ({describe(models[0])})."]
     if len(models) > 1:
@@ -588,8 +590,8 @@ def comparison_summary(rows, baseline="segmented", alpha=0.05) -> str:
                     "differences of that size are the instrument's, not a model's.")
     for k in (m for m in models if "noise" in m):
         rank = models.index(k) + 1
-        others = [np.mean(stats[m]["d"]) for m in models if "noise" not in m]
-        lags = bool(others) and np.mean(stats[k]["d"]) > max(others)
+        others = [np.mean(stats[m]["w"]) for m in models if "noise" not in m]
+        lags = bool(others) and np.mean(stats[k]["w"]) > max(others)
         text.append(f"Noise prediction ({k}) ranks {rank} of {len(models)}: "
                     + ("it lags every other parameterization." if lags else "it does not lag all the others here."))
     return " ".join(text)

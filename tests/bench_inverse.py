@@ -16,7 +16,6 @@ masked image, noisy image, zero-filled, corrupted image) are scored against the 
 seconds per step and peak memory (CUDA: max_memory_allocated; CPU: VmHWM) for each guidance.
 """
 import argparse
-import csv
 import math
 import pathlib
 import sys
@@ -27,6 +26,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "notebooks")]
 import ddpm_mini as dm  # noqa: E402
+from conftest import append_rows  # noqa: E402
 from lab import ssim3d  # noqa: E402
 
 FIELDS = ("model", "task", "method", "n", "steps", "psnr", "ssim", "psnr_hole", "seconds")
@@ -63,13 +63,7 @@ def phantoms(args):
             print(f"{name:>17} {method:>8}: PSNR {row['psnr']:>6} dB, SSIM {row['ssim']}"
                   + (f", hole PSNR {row['psnr_hole']} dB" if hole else "") + (f"  ({seconds:.0f} s)" if method == "dps" else ""),
                   flush=True)
-    if args.csv:
-        new = not args.csv.exists()
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+    append_rows(args.csv, FIELDS, rows)
 
 
 def full(args):

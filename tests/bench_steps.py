@@ -17,7 +17,6 @@ at 40 x 48 x 40: what they show about steps is a guide for the published models,
 of them.
 """
 import argparse
-import csv
 import pathlib
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "notebooks")]
 import ddpm_mini as dm  # noqa: E402
+from conftest import append_rows  # noqa: E402
 from lab import PhantomScore  # noqa: E402
 
 STRUCTURES = ("cortex", "white_matter", "csf", "lateral_ventricles", "thalamus", "putamen")
@@ -89,13 +89,7 @@ def main():
             rows.append(row)
             print(f"{method:>8} {steps:5d} {row['rmse']:>7} {row['max_abs']:>6} {row['w1']:>6} {row['tdice']:>6} "
                   f"{row['recognisable']:>2}/{args.n:<2} {row['volume_error']:>8} {seconds:7.1f}", flush=True)
-    if args.csv:
-        new = not args.csv.exists()
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+    append_rows(args.csv, FIELDS, rows)
 
 
 if __name__ == "__main__":

@@ -213,3 +213,15 @@ def with_widgets(monkeypatch):
     monkeypatch.setattr(dm, "_widgets", lambda: widgets)
     monkeypatch.setattr(dm, "_redraw", redraw)
     return widgets, drawn
+
+
+def append_rows(path, fields, rows) -> None:
+    """Benchmarks: append dict rows to a CSV (path: pathlib.Path or None), with a header when it is new."""
+    if path is None:
+        return
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

@@ -42,6 +42,11 @@ def test_every_command_has_help(capsys):
         assert flag in printed
     assert "<prediction>_model_seed<NNNN>.nii.gz" in printed      # sample --out-dir names its files
     assert printed.count("40 48 40") >= 2                         # TEACHING_SHAPE: train's and demo's default size
+    parser = dm._build_parser()  # every option of every command says what it does
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+        assert ("--threads" in sub._option_string_actions) == (name != "fetch"), name
     out = subprocess.run([sys.executable, dm.__file__, "sample", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--prediction" in out and "--spacing" in out
     with pytest.raises(SystemExit) as exit_:
@@ -53,7 +58,7 @@ def test_main_reports_expected_errors_and_nothing_else(tmp_path, monkeypatch, cl
     """No command: the help, exit status 2. ValueError, OSError (FileNotFoundError, ConnectionError)
     and nibabel's ImageFileError: `error: ...` on stderr, status 1 (preprocess's: test_cli_preprocess).
     Anything else is a bug and propagates; bad options are argparse's (SystemExit 2)."""
-    assert dm.main([]) == 2 and "usage: ddpm_mini.py" in capsys.readouterr().out
+    assert dm.main([]) == 2 and "usage: ddpm_mini.py" in capsys.readouterr().err  # help on stderr: an error
     assert dm.main(["train", "--prediction", "flow", "--out", str(tmp_path / "run")]) == 1     # ValueError
     assert capsys.readouterr().err == "error: train: give --phantoms or --data DIR (one of them)\n"
     write_manifest(tmp_path / "m.csv", [dict(name="x", kind="volume", group="g", url=f"http://127.0.0.1:{closed_port}/x.bin",
@@ -657,7 +662,10 @@ def test_cli_sample_with_the_dpm_solver(tmp_path, capsys):
     out = tmp_path / "s.nii.gz"
     assert dm.main(["sample", "--weights", "teaching_flow", "--method", "dpm++2m", "--steps", "3", "--shape", "16", "16",
                     "16", "--out", str(out), "--device", "cpu"]) == 0
-    assert "dpm++2m, 3 linspace steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "dpm++2m, 3 linspace steps" in printed and "16, 16, 16) (4.67 mm voxels)" in printed
+    # a larger or smaller --shape is a larger or smaller view at the trained grid's voxel, 224 / 48 mm
+    np.testing.assert_allclose(nib.load(out).header.get_zooms(), [224 / 48] * 3, rtol=1e-6)
     model, _ = dm.load_model(dm.fetch("teaching_flow"), "cpu")
     x = dm.sample(model, "flow", shape=(1, 1, 16, 16, 16), steps=3, method="dpm++2m",
                   generator=torch.Generator().manual_seed(0), progress=False)
@@ -684,8 +692,32 @@ def test_cli_solve(tmp_path, capsys):
     assert restored.shape == dm.TEACHING_SHAPE and np.array_equal(restored.affine, affine)
     assert restored.get_data_dtype() == np.uint16 and restored.header.get_zooms() == (3.0, 3.0, 3.0)
     assert (tmp_path / "r_baseline.nii.gz").exists() and (tmp_path / "r_measured.nii.gz").exists()
+    model, _ = dm.load_model(dm.fetch("teaching_flow"), "cpu")      # the same solve through the API
+    x = dm.normalize_intensity(dm.load_nifti(source)[0])[None, None]  # the input min-maxed to [-1, 1]
+    assert float(x.min()) == -1 and float(x.max()) == 1
+    task = dm.inverse_task("inpainting", dm.TEACHING_SHAPE, seed=0)
+    y = task.measure(x, torch.Generator().manual_seed(0))
+    api = dm.solve_inverse(model, "flow", y, task, steps=2, generator=torch.Generator().manual_seed(0), progress=False)
+    assert np.array_equal(np.asarray(restored.dataobj), dm.to_uint16(dm.normalize_intensity(api[0, 0])))
     small = dm.save_nifti(dm.phantom(3, (16, 16, 16))[0], tmp_path / "small.nii.gz")
     assert dm.main(["solve", "--task", "motion", "--weights", "teaching_flow", "--steps", "2", "--in", str(small),
                     "--out", str(tmp_path / "no.nii.gz")]) == 1
     assert "the model works on (40, 48, 40): give a volume on the grid" in capsys.readouterr().err
     assert not (tmp_path / "no.nii.gz").exists()
+
+
+def test_threads_option_sets_torchs_thread_count(tmp_path, capsys):
+    """--threads N: torch.set_num_threads(N) before the command runs (0 or text is refused by argparse)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert dm.main(["evaluate", "--real", str(tmp_path / "none"), "--synthetic", f"a={tmp_path / 'none'}",
+                        "--out", str(tmp_path / "o"), "--threads", "1"]) == 1     # the command fails, the option held
+        assert torch.get_num_threads() == 1
+        for bad in ("0", "two"):
+            with pytest.raises(SystemExit):
+                dm.main(["sample", "--threads", bad])
+        err = capsys.readouterr().err
+        assert "argument --threads: 0 is outside [1, inf)" in err and "argument --threads: 'two' is not an integer" in err
+    finally:
+        torch.set_num_threads(before)

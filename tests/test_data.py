@@ -103,14 +103,27 @@ def test_nifti_round_trip(tmp_path):
 
 def test_saved_volumes_carry_the_voxel_size_of_their_grid(tmp_path):
     """save_nifti's default affine: 1 mm LPS on IMAGE_SHAPE, 224 / 48 = 4.67 mm on TEACHING_SHAPE (the voxel
-    phantom() draws), origin at voxel 0; so a teaching-grid sample read back by load_volume_table (the
-    evaluate command) gets volumes on the phantoms' scale, not 1 mm voxels' (100x too small)."""
-    np.testing.assert_array_equal(dm.grid_affine(dm.IMAGE_SHAPE), dm.LPS_AFFINE)
-    np.testing.assert_allclose(dm.grid_affine(dm.TEACHING_SHAPE), np.diag([-224 / 48, -224 / 48, 224 / 48, 1]))
+    phantom() draws), the grid centre at world 0 (head-centred, as a preprocessed scan), qform = sform with
+    code 2 (aligned); so a teaching-grid sample read back by load_volume_table (the evaluate command) gets
+    volumes on the phantoms' scale, not 1 mm voxels' (100x too small), and opens in a viewer at its size."""
+    centre = lambda affine, shape: affine[:3, :3] @ ((np.array(shape) - 1) / 2) + affine[:3, 3]  # noqa: E731
+    np.testing.assert_array_equal(dm.grid_affine(dm.IMAGE_SHAPE)[:3, :3], dm.LPS_AFFINE[:3, :3])
+    np.testing.assert_allclose(dm.grid_affine(dm.IMAGE_SHAPE)[:3, 3], [95.5, 111.5, -95.5])
+    v = 224 / 48
+    np.testing.assert_allclose(dm.grid_affine(dm.TEACHING_SHAPE), [[-v, 0, 0, 19.5 * v], [0, -v, 0, 23.5 * v],
+                                                                   [0, 0, v, -19.5 * v], [0, 0, 0, 1]])
+    np.testing.assert_allclose(dm.grid_affine((10, 12, 10), voxel_mm=2.0)[:3, :3], np.diag([-2.0, -2, 2]))
+    for shape in (dm.IMAGE_SHAPE, dm.TEACHING_SHAPE, (10, 12, 10)):
+        np.testing.assert_allclose(centre(dm.grid_affine(shape), shape), 0, atol=1e-9)
     image, labels = dm.phantom(7, dm.TEACHING_SHAPE)
     img = nib.load(str(dm.save_nifti(image, tmp_path / "p.nii.gz")))
     np.testing.assert_allclose(img.header.get_zooms(), [224 / 48] * 3, rtol=1e-6)
-    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and np.allclose(img.affine[:3, 3], 0)
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(centre(img.affine, dm.TEACHING_SHAPE), 0, atol=1e-4)
+    assert int(img.header["qform_code"]) == int(img.header["sform_code"]) == 2
+    np.testing.assert_allclose(img.get_qform(), img.get_sform(), atol=1e-4)
+    coarse = nib.load(str(dm.save_nifti(image[:16, :16, :16], tmp_path / "other" / "c.nii.gz", voxel_mm=224 / 48)))
+    np.testing.assert_allclose(coarse.header.get_zooms(), [224 / 48] * 3, rtol=1e-6)  # the trained grid's voxel
     read = dm.load_volume_table(tmp_path)
     for name in ("white_matter", "cortex", "lateral_ventricles"):
         truth = dm.phantom_volumes(labels)[name]
@@ -137,6 +150,7 @@ def test_preprocess_orientations_and_voxel_sizes(codes, zooms):
     assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
     np.testing.assert_allclose(out.affine[:3, :3], np.diag([-1.0, -1.0, 1.0]))
     np.testing.assert_allclose(out.header.get_zooms(), (1, 1, 1))
+    assert int(out.header["qform_code"]) == int(out.header["sform_code"]) == int(img.header["sform_code"]) > 0
     # the landmark lands at the voxel the output affine says (world-space consistency)
     found = np.argwhere(data > 40000).mean(0)
     assert np.abs(_world(out.affine, found) - landmark).max() < 0.5
@@ -157,6 +171,33 @@ def test_preprocess_orientations_and_voxel_sizes(codes, zooms):
         assert inside.sum() > 200
         expect = np.round(np.clip((src[tuple(pqr[inside].T)] - lo) / (hi - lo), 0, 1) * 65535)
         assert np.abs(data[tuple(ijk[inside].T)] - expect).max() <= 1
+
+
+def test_preprocess_keeps_the_inputs_world_and_says_so(tmp_path):
+    """The output's qform and sform carry the input's world (its sform code, else its qform code, else
+    1: scanner), so the preprocessed scan overlays the original in a viewer."""
+    img, _ = synthetic_head("RAS")
+    for qcode, scode, want in ((1, 0, 1), (0, 0, 1), (1, 4, 4)):
+        src = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+        src.set_qform(img.affine, qcode)
+        src.set_sform(img.affine, scode)
+        out = dm.preprocess(src)
+        assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (want, want), (qcode, scode)
+        np.testing.assert_allclose(out.get_qform(), out.affine, atol=1e-4)
+
+
+def test_saved_geometry_reads_the_same_in_itk(tmp_path):
+    """SimpleITK (ITK-SNAP's and Slicer's reader) sees save_nifti's geometry as nibabel does: spacing =
+    zooms, origin = the affine's translation in ITK's LPS world (x, y negated), axes along +L, +P, +S."""
+    sitk = pytest.importorskip("SimpleITK")
+    for shape, voxel in ((dm.TEACHING_SHAPE, None), ((16, 20, 16), 2.5)):
+        path = dm.save_nifti(dm.phantom(1, shape)[0], tmp_path / f"g{shape[0]}.nii.gz", voxel_mm=voxel)
+        affine, image = nib.load(str(path)).affine, sitk.ReadImage(str(path))
+        np.testing.assert_allclose(image.GetSpacing(), nib.load(str(path)).header.get_zooms(), rtol=1e-6)
+        np.testing.assert_allclose(image.GetOrigin(), affine[:3, 3] * [-1, -1, 1], atol=1e-3)
+        np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3), atol=1e-6)
+        centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in shape])
+        np.testing.assert_allclose(centre, 0, atol=1e-3)  # head-centred: the grid centre at world 0
 
 
 def test_warp_index_convention():

@@ -236,18 +236,24 @@ def _rows(set_name, ds, p_adj, sd=10.0):
              "p_adjusted": p} for i, (d, p) in enumerate(zip(ds, p_adj))]
 
 
-def test_comparison_summary_ranks_sets_by_effect_size():
+def test_comparison_summary_ranks_sets_by_distance_to_the_truth():
     rows = (_rows("segmented", [0.1, -0.1, 0.0], [1, 1, 1]) + _rows("flow", [0.2, -0.3, 0.1], [1, 0.5, 1])
             + _rows("sample", [1.5, -1.2, 0.9], [0.001, 0.01, 0.2]) + _rows("noise", [3.0, 2.0, -2.5], [0.001] * 3))
     text = lab.comparison_summary(rows)
-    assert text.startswith("Closest to the truth: flow (mean |d| 0.20, W1 0.20 truth-SDs, 0 of 3 structures "
+    assert text.startswith("Closest to the truth: flow (W1 0.20 truth-SDs, mean |d| 0.20, 0 of 3 structures "
                            "different at adjusted p < 0.05).")
-    assert "Farthest: noise (mean |d| 2.50, W1 2.50 truth-SDs, 3 of 3 structures" in text
+    assert "Farthest: noise (W1 2.50 truth-SDs, mean |d| 2.50, 3 of 3 structures" in text
     assert "Order, closest first: flow, sample, noise." in text
-    assert "'segmented') gives mean |d| 0.07" in text
+    assert "'segmented') gives W1 0.07" in text
     assert "Noise prediction (noise) ranks 3 of 3: it lags every other parameterization." in text
     better_noise = _rows("flow", [1.0, 1.0, 1.0], [1] * 3) + _rows("noise", [0.5, 0.5, 0.5], [1] * 3)
     assert "Noise prediction (noise) ranks 1 of 2: it does not lag" in lab.comparison_summary(better_noise)
+    # a set whose volumes scatter widely has a small |d| and a large W1: W1 ranks it (notebook 04's
+    # shipped noise model: |d| put it closest while its volumes were the farthest from the truth)
+    scattered = _rows("flow", [0.5] * 3, [1] * 3) + [dict(r, wasserstein=40.0) for r in _rows("noise", [0.1] * 3, [1] * 3)]
+    text = lab.comparison_summary(scattered)
+    assert text.startswith("Closest to the truth: flow") and "Order, closest first: flow, noise." in text
+    assert "Noise prediction (noise) ranks 2 of 2: it lags" in text
     with pytest.raises(ValueError, match="no set besides the baseline"):
         lab.comparison_summary(_rows("segmented", [0.1], [1]))
 

@@ -355,3 +355,14 @@ def test_items_of_different_shapes_are_refused_by_name():
     items = [torch.zeros(1, 16, 16, 16), torch.zeros(1, 16, 16, 8)]
     with pytest.raises(ValueError, match=r"data items of different shapes, \(1, 16, 16, (16|8)\) and \(1, 16, 16, (8|16)\)"):
         dm.train(dm.UNet(**TINY_UNET), items, "flow", 1, batch_size=2, progress=False)
+
+
+def test_a_time_capped_run_shows_no_step_total(capsys):
+    """max_minutes: the bar counts steps and time against the budget, not against a step cap it will not
+    reach (the demo's 100,000-step cap read `8/100000 [04:14<884:30:52]`); without it: steps of total."""
+    data = dm.PhantomDataset(shape=(16, 16, 16))
+    dm.train(dm.UNet(**MICRO_UNET), data, "flow", 2, max_minutes=30)
+    capped = capsys.readouterr().err
+    assert "training (flow, up to 30 min)" in capped and "2it [" in capped and "/2 [" not in capped
+    dm.train(dm.UNet(**MICRO_UNET), data, "flow", 2)
+    assert "2/2 [" in capsys.readouterr().err

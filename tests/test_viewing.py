@@ -30,6 +30,8 @@ def test_orthogonal_slices_layout():
     # a voxel further left is further right in axial and coronal; a more anterior one (smaller P index) higher in axial
     assert np.argwhere(dm.orthogonal_slices(marked((4, j, k)), (4, j, k))["axial"])[0][1] > i
     assert np.argwhere(dm.orthogonal_slices(marked((i, 0, k)), (i, 0, k))["axial"])[0][0] > H - 1 - j
+    # ... and further right in sagittal (anterior on the right)
+    assert np.argwhere(dm.orthogonal_slices(marked((i, 0, k)), (i, 0, k))["sagittal"])[0][1] > H - 1 - j
     # default index: the centre voxel; a (1, 1, D, H, W) tensor is the same volume
     v = np.random.default_rng(0).random(SHAPE).astype(np.float32)
     centre = dm.orthogonal_slices(v, tuple(s // 2 for s in SHAPE))
@@ -42,7 +44,8 @@ def test_orthogonal_slices_layout():
 def test_show_slices_and_save_slices_png(tmp_path):
     v = np.random.default_rng(1).random(SHAPE).astype(np.float32) * 2 - 1
     fig = dm.show_slices(v, title="a volume", vmin=-2, vmax=2)
-    assert [ax.get_title() for ax in fig.axes] == ["axial", "coronal", "sagittal"]
+    assert [ax.get_title() for ax in fig.axes] == ["axial (A up, L right)", "coronal (S up, L right)",
+                                                   "sagittal (S up, A right)"]  # each panel states its layout
     assert fig._suptitle.get_text() == "a volume"
     for ax, plane in zip(fig.axes, dm.orthogonal_slices(v).values()):
         image = ax.get_images()[0]
@@ -67,13 +70,13 @@ def test_show_volumes_rows_and_ranges(tmp_path):
     a = np.random.default_rng(2).random(SHAPE).astype(np.float32)
     b = torch.from_numpy(a * 10 - 3)[None]
     fig = dm.show_volumes({"a": a, "b": b}, index=(1, 1, 1), title="two")
-    assert [ax.get_title() for ax in fig.axes] == [f"{n}: {p}" for n in "ab" for p in ("axial", "coronal", "sagittal")]
+    assert [ax.get_title() for ax in fig.axes] == [f"{n}: {dm.PLANE_TITLES[p]}" for n in "ab" for p in ("axial", "coronal", "sagittal")]
     assert fig.axes[0].get_images()[0].get_clim() == (float(a.min()), float(a.max()))      # each row its own range
     assert fig.axes[3].get_images()[0].get_clim() == (float(b.min()), float(b.max()))
     np.testing.assert_array_equal(fig.axes[4].get_images()[0].get_array(), dm.orthogonal_slices(b, (1, 1, 1))["coronal"])
     # view() takes a NIfTI path too
     path = dm.save_nifti(a, tmp_path / "a.nii.gz")
-    assert [ax.get_title() for ax in dm.view(path, title="file").axes] == ["axial", "coronal", "sagittal"]
+    assert [ax.get_title() for ax in dm.view(path, title="file").axes] == list(dm.PLANE_TITLES.values())
 
 
 def test_view_with_widgets_redraws_on_its_sliders(with_widgets):

@@ -2,6 +2,7 @@
 the device choice, and fetching through Pooch from a loopback server or a mirror folder."""
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -9,6 +10,7 @@ import stat
 import time
 import warnings
 
+import pooch
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -284,9 +286,18 @@ def test_fetch_unreachable_names_asset_and_mirror(assets, monkeypatch, closed_po
 
 
 def test_fetch_unverified_warns_once(assets):
+    """One warning of the kit's own; Pooch's developer hint (use this hash as known_hash) is not shown."""
     dm._WARNED_UNVERIFIED.discard("unverified")
-    with pytest.warns(UserWarning, match="not verified"):
-        dm.fetch("unverified")
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    pooch.get_logger().addHandler(handler)
+    try:
+        with pytest.warns(UserWarning, match="not verified"):
+            dm.fetch("unverified")
+    finally:
+        pooch.get_logger().removeHandler(handler)
+    assert any("Downloading data from" in m for m in shown) and not any("known_hash" in m for m in shown), shown
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dm.fetch("unverified")
