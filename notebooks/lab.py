@@ -9,6 +9,9 @@ widget returns a static matplotlib Figure instead.
 from __future__ import annotations
 
 import json
+import math
+import os
+import pathlib
 import sys
 import time
 
@@ -17,6 +20,61 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_mini as dm
+
+# --- Set-up: the shared data folder, exercises, runs to reuse ------------------------------------
+
+
+def data_folder() -> pathlib.Path:
+    """The folder every notebook reads and writes, created if needed: $DDPM_MINI_DATA when it is
+    set, else ddpm-mini-data in the user's home folder (one per user, kept between sessions).
+
+    Sharing it is what lets notebook 01 show notebook 00's brain and notebook 04 reuse notebook
+    03's training runs. The tests point DDPM_MINI_DATA at a temporary folder of their own."""
+    env = os.environ.get("DDPM_MINI_DATA")
+    folder = pathlib.Path(env).expanduser() if env else pathlib.Path.home() / "ddpm-mini-data"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the notebooks' data folder {folder} ({err.strerror}): set DDPM_MINI_DATA "
+                      "to a folder you can write to, before starting Jupyter") from err
+    return folder
+
+
+def your_turn(number: int, solved: bool = False, **given):
+    """An exercise line for the student to replace: raises NotImplementedError("your turn: ...")
+    naming the values the answer may use (the keywords), until the student writes their own line.
+
+    solved=True (instructors, and the tests: DDPM_MINI_SOLUTIONS=1 sets the notebooks' SOLUTIONS)
+    returns the reference answer instead, computed from the given values by
+    notebooks/solutions.py, so the self-check under the line runs green.
+    """
+    if solved:
+        import solutions  # beside this file; instructors may leave it out of the students' copy
+        if number not in solutions.ANSWERS:
+            raise ValueError(f"no reference answer for exercise {number}; solutions.py has {sorted(solutions.ANSWERS)}")
+        return solutions.ANSWERS[number](**given)
+    names = ", ".join(given) or "the values above"
+    raise NotImplementedError(
+        f"your turn: exercise {number} is not done yet. Replace the line `... = lab.your_turn({number}, ...)` "
+        f"with your own formula (it may use {names}) and run the cell again; the assert under it checks your "
+        "answer. (Instructors: SOLUTIONS = True in the parameters cell, or DDPM_MINI_SOLUTIONS=1, runs the "
+        "reference answers.)")
+
+
+def reuse_or_train(run, train, device=None, seed=None):
+    """(model, metadata) of the EMA model in run folder `run` (dm.load_model): an existing run
+    (notebook 03 writes its runs into the shared data folder) is reused; otherwise train(run)
+    trains one there first, after torch.manual_seed(seed) when seed is given. Prints which."""
+    run = pathlib.Path(run)
+    if dm.latest_checkpoint(run) is None:
+        print(f"{run.name}: no run in {run.parent} yet (notebook 03 writes one there): training it here")
+        if seed is not None:
+            torch.manual_seed(seed)
+        train(run)
+    model, meta = dm.load_model(run, device)
+    print(f"{run.name}: the run in {run.parent}, at step {meta['step']}")
+    return model, meta
+
 
 # --- Figure helpers ---------------------------------------------------------------------------
 
@@ -63,6 +121,64 @@ def show_images(images: dict, vmin=-1.0, vmax=1.0, title=None, fig=None):
         axes[r, 0].set_title(name, fontsize=9, loc="left")
     if title:
         fig.suptitle(title)
+    return fig
+
+
+#: What every figure drawn from made-up numbers says on the figure itself.
+SYNTHETIC = "SYNTHETIC DATA: an illustration, not a result"
+
+
+def _watermark(fig, label: str, y: float = 0.5):
+    """A faint diagonal `label` across the figure, above everything drawn."""
+    fig.text(0.5, y, label, transform=fig.transFigure, ha="center", va="center", rotation=25, fontsize=24,
+             color="firebrick", alpha=0.22, fontweight="bold", zorder=10)
+
+
+def label_figure(fig, label: str = SYNTHETIC):
+    """Write `label` on the figure itself: a red title on top (before any title it has) and a
+    faint diagonal watermark across the middle, so a copied or cropped figure still says it.
+    Returns fig."""
+    old = fig.get_suptitle() if hasattr(fig, "get_suptitle") else ""   # matplotlib >= 3.8
+    fig.suptitle(f"{label}\n{old}" if old else label, color="firebrick", fontweight="bold")
+    _watermark(fig, label)
+    return fig
+
+
+def preview_note(shape) -> str:
+    """' (PREVIEW: ...)' for a title when a MedForj model samples a grid other than dm.IMAGE_SHAPE, the one it
+    was trained on (the sample is then not a faithful one); '' on that grid."""
+    if tuple(shape) == tuple(dm.IMAGE_SHAPE):
+        return ""
+    return f" (PREVIEW on a reduced {'x'.join(map(str, shape))} grid: not a faithful sample)"
+
+
+def show_report(report, label=None):
+    """The figure dm.comparison_report wrote (report["figure"], a PNG; or its path) as a Figure.
+
+    With a label (e.g. SYNTHETIC) the label goes on the figure, in a banner above it and as a
+    watermark, and the PNG on disk is rewritten with it (atomically), so the file says so too;
+    a PNG that already carries the label is not labelled twice.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+    from PIL import Image  # matplotlib's own dependency
+    path = pathlib.Path(report["figure"] if isinstance(report, dict) else report)
+    with Image.open(path) as png:
+        done = label is not None and getattr(png, "text", {}).get("Title") == label
+    image, dpi = imread(path), 100
+    h, w = image.shape[:2]
+    banner = 0 if label is None or done else 50                            # pixels above the image
+    fig = Figure(figsize=(w / dpi, (h + banner) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h / (h + banner)))
+    ax.imshow(image)
+    ax.axis("off")
+    if banner:
+        fig.text(0.5, 1 - 0.5 * banner / (h + banner), label, ha="center", va="center", fontsize=14,
+                 color="firebrick", fontweight="bold")
+        _watermark(fig, label, y=0.45)
+        tmp = path.with_name(f".{path.stem}.labelling.png")
+        fig.savefig(tmp, dpi=dpi, metadata={"Title": label})
+        os.replace(tmp, path)
     return fig
 
 
@@ -500,6 +616,72 @@ def diversity(volumes, max_pairs=None, seed=0, **ssim_kw) -> float:
     step = max(1, int(2e7 // x[0].numel()))                  # pairs per batch: bounded memory
     scores = [ssim3d(x[i[k:k + step]], x[j[k:k + step]], **ssim_kw) for k in range(0, i.size, step)]
     return float(torch.cat(scores).mean())
+
+
+# --- Notebook 04: what the regional-volume test can detect at its sample size ----------------------
+
+
+def smallest_p(n_a: int, n_b: int, n_tests: int = 1, n_permutations=None) -> dict:
+    """The smallest p-values dm.permutation_test, and Holm's correction over n_tests structures
+    (dm.adjust_pvalues), can give with n_a against n_b subjects, whatever the data.
+
+    The test is two-sided on the difference of means over the C = C(n_a + n_b, n_a) ways to split
+    the pooled subjects. At the most extreme split (every a above every b) only that split, and
+    when n_a == n_b also its mirror (the groups swapped give -D), reach |D_obs|: the exact test's
+    smallest p is k / C, k = 2 if n_a == n_b else 1. dm.permutation_test draws n_permutations
+    splits at random and returns (1 + hits) / (1 + n_permutations); at that split it expects
+    n_permutations k / C hits, so its smallest p is about (1 + n_permutations k / C) /
+    (1 + n_permutations), never below 1 / (1 + n_permutations). Holm multiplies the smallest p of
+    the family by the family's size: the smallest adjusted p is min(1, n_tests p).
+    Returns {"splits": C, "exact": k / C, "p": the test's smallest p (exact when n_permutations
+    is None), "holm": the smallest Holm-adjusted p}.
+    """
+    if min(n_a, n_b) < 1 or n_tests < 1 or (n_permutations is not None and n_permutations < 1):
+        raise ValueError(f"smallest_p needs n_a, n_b, n_tests >= 1 and n_permutations None or >= 1, "
+                         f"got {n_a}, {n_b}, {n_tests}, {n_permutations}")
+    splits = math.comb(n_a + n_b, n_a)
+    exact = (2 if n_a == n_b else 1) / splits
+    p = exact if n_permutations is None else (1 + n_permutations * exact) / (1 + n_permutations)
+    return {"splits": splits, "exact": exact, "p": p, "holm": min(1.0, n_tests * p)}
+
+
+def detection_limits(n_a: int, n_b: int, n_tests: int, n_permutations=None, alpha: float = 0.05) -> str:
+    """In words, what the permutation test with Holm over n_tests structures can and cannot detect
+    with n_a against n_b subjects: its smallest possible adjusted p (smallest_p), and so whether
+    anything at all can reach adjusted p < alpha; if something can, the difference it finds 4 times
+    in 5 (80 % power at level alpha / n_tests, Holm's first step), in standard deviations, from the
+    normal approximation d = (z(1 - alpha / (2 n_tests)) + z(0.8)) sqrt(1 / n_a + 1 / n_b)."""
+    from statistics import NormalDist
+    s = smallest_p(n_a, n_b, n_tests, n_permutations)
+    count = f"{s['splits']:,}" if s["splits"] < 1e6 else f"{float(s['splits']):.1e}"
+    how = (f"{n_permutations:,} random splits of the C({n_a + n_b}, {n_a}) = {count}" if n_permutations
+           else f"all C({n_a + n_b}, {n_a}) = {count} splits")
+    text = (f"{n_a} samples against {n_b}, {n_tests} structures, {how}: the smallest p the test can give is "
+            f"{'about ' if n_permutations else ''}{s['p']:.2g}, and after Holm over the {n_tests} structures "
+            f"{s['holm']:.2g}.")
+    if s["holm"] >= alpha:
+        return text + (f" That is not below {alpha:g}: NO structure can be significant at this sample size, "
+                       "however different the sets are. Read the effect sizes (Cohen's d) and W1 instead, "
+                       "or draw more samples.")
+    z = NormalDist().inv_cdf
+    d = (z(1 - alpha / (2 * n_tests)) + z(0.8)) * math.sqrt(1 / n_a + 1 / n_b)
+    return text + (f" So differences can be significant at adjusted p < {alpha:g}: one of about {d:.2g} standard "
+                   "deviations is found 4 times in 5 (normal approximation); smaller ones are mostly missed.")
+
+
+def detection_limits_of(rows, n_permutations=None, alpha: float = 0.05) -> str:
+    """detection_limits for each size in a dm.comparison_report table (its n_synthetic, n_real
+    and the number of structures per set): one line per distinct size, naming its sets."""
+    sets = {}
+    for r in rows:
+        sets.setdefault(r["set"], []).append(r)
+    sizes = {}
+    for name, rs in sets.items():
+        sizes.setdefault((int(rs[0]["n_synthetic"]), int(rs[0]["n_real"]), len(rs)), []).append(name)
+    if not sizes:
+        raise ValueError("detection_limits_of: the table has no rows")
+    return "\n".join(f"{', '.join(names)}: {detection_limits(*size, n_permutations, alpha)}"
+                     for size, names in sorted(sizes.items()))
 
 
 # --- Notebooks 03 and 04: is a sample a recognisable phantom? how close is a set to the truth? ----

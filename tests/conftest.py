@@ -1,10 +1,12 @@
 """Shared test helpers, defined once: U-Net configurations, servers and ports, manifests, synthetic
-heads, SynthSeg CSVs and phantom folders. Test files import the plain helpers with
+heads, SynthSeg CSVs and phantom folders, the repository address. Test files import the plain helpers with
 `from conftest import ...`; the fixtures (http_server, closed_port, standin_weights, one_thread,
 with_widgets) pytest finds by name."""
 import csv
 import functools
 import http.server
+import pathlib
+import re
 import socket
 import threading
 
@@ -14,6 +16,20 @@ import pytest
 import torch
 
 import ddpm_mini as dm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def repository(root=ROOT) -> str:
+    """The repository address: pyproject.toml's [project.urls] Repository, the one source of truth
+    (tools/set_repo_url.py copies it into README, the notebooks and the manifest)."""
+    text = (pathlib.Path(root) / "pyproject.toml").read_text(encoding="utf-8")
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        return re.search(r'^Repository\s*=\s*"([^"]+)"', text, re.M).group(1)
+    return tomllib.loads(text)["project"]["urls"]["Repository"]
+
 
 # --- U-Net configurations ------------------------------------------------------------------------
 

@@ -28,10 +28,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "notebooks")]
 import ddpm_mini as dm  # noqa: E402
 from lab import PhantomScore  # noqa: E402
+from conftest import repository  # noqa: E402  (tests/, this script's folder, is on sys.path)
 
 #: Where a shipped file is downloaded from when the checkout's copy is absent (Colab): the
-#: repository's raw files (the same placeholder address as README's while the kit is unpublished).
-RAW = "https://raw.githubusercontent.com/REPLACE-ME/ddpm-mini/main/weights/"
+#: repository's raw files, at pyproject's address (tools/set_repo_url.py keeps the manifest on it).
+RAW = repository().replace("https://github.com/", "https://raw.githubusercontent.com/", 1) + "/main/weights/"
 CITATION = "ddpm-mini teaching models (this repository)"
 
 

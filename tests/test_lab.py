@@ -3,6 +3,8 @@
 Plain Python here (no IPython kernel), so every widget returns its static Figure fallback.
 """
 import ast
+import itertools
+import math
 import pathlib
 import sys
 
@@ -15,6 +17,7 @@ import ddpm_mini as dm
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "notebooks"))
 import lab  # noqa: E402
+from conftest import MICRO_UNET  # noqa: E402
 
 
 def test_lab_is_the_notebooks_copy_and_uses_only_what_ddpm_mini_has():
@@ -299,3 +302,118 @@ def test_psnr():
     where[:, 0, 0] = True
     assert lab.psnr(x[1:], truth[1:], where=where[1:]) == pytest.approx(10 * np.log10(100), abs=1e-6)
     assert lab.psnr(x, truth) == pytest.approx((10 * np.log10(400) + 10 * np.log10(4 / 0.01)) / 2, abs=1e-6)
+
+
+# --- Set-up: the shared data folder, exercises, runs to reuse -----------------------------------------
+
+
+def test_data_folder_is_shared_and_per_user(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_MINI_DATA", str(tmp_path / "given" / "data"))
+    assert lab.data_folder() == tmp_path / "given" / "data" and (tmp_path / "given" / "data").is_dir()
+    monkeypatch.delenv("DDPM_MINI_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert lab.data_folder() == tmp_path / "home" / "ddpm-mini-data" == lab.data_folder()   # the same every time
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DDPM_MINI_DATA", str(tmp_path / "file" / "data"))
+    with pytest.raises(OSError, match="set DDPM_MINI_DATA to a folder you can write to"):
+        lab.data_folder()
+
+
+def test_your_turn_waits_for_the_student_and_solutions_answer():
+    x = torch.tensor([2.0])
+    with pytest.raises(NotImplementedError, match=r"^your turn: exercise 1 .*\(it may use alpha, sigma, x_t, u\)"):
+        lab.your_turn(1, False, alpha=x, sigma=x, x_t=x, u=x)
+    alpha, sigma = torch.tensor([0.6]), torch.tensor([0.8])
+    x0, eps = torch.randn(3), torch.randn(3)
+    x_t, u = alpha * x0 + sigma * eps, alpha * eps - sigma * x0
+    assert torch.allclose(lab.your_turn(1, True, alpha=alpha, sigma=sigma, x_t=x_t, u=u), x0, atol=1e-6)
+    with pytest.raises(ValueError, match="no reference answer for exercise 99"):
+        lab.your_turn(99, True)
+
+
+def test_reuse_or_train_trains_once_then_reuses(tmp_path, one_thread, capsys):
+    run, calls = tmp_path / "runs" / "flow", []
+
+    def train(out):
+        calls.append(out)
+        dm.train(dm.UNet(**MICRO_UNET), dm.PhantomDataset(shape=(16, 16, 16)), "flow", 1, out=out, progress=False)
+    model, meta = lab.reuse_or_train(run, train, seed=0)
+    assert calls == [run] and int(meta["step"]) == 1 and "training it here" in capsys.readouterr().out
+    again, meta2 = lab.reuse_or_train(run, lambda out: pytest.fail("a finished run must be reused"))
+    assert int(meta2["step"]) == 1 and "training" not in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+# --- Figures from made-up numbers say so on the figure ------------------------------------------------
+
+
+def _texts(fig) -> list:
+    return [t.get_text() for t in fig.texts] + ([fig._suptitle.get_text()] if fig._suptitle else [])
+
+
+def test_label_figure_writes_the_label_on_the_figure():
+    fig = lab.show_images({"a": [np.zeros((4, 4))]}, title="made-up")
+    lab.label_figure(fig)
+    texts = _texts(fig)
+    assert sum(lab.SYNTHETIC in t for t in texts) >= 2 and any("made-up" in t for t in texts)   # banner + watermark
+    assert "SYNTHETIC DATA" in lab.SYNTHETIC
+    assert lab.preview_note(dm.IMAGE_SHAPE) == "" and "PREVIEW" in lab.preview_note((96, 112, 96))
+
+
+def test_show_report_labels_the_figure_and_its_png(tmp_path):
+    rng = np.random.default_rng(0)
+    table = lambda scale: {"subject": [f"s{i}" for i in range(6)],  # noqa: E731
+                           "volumes": {"cortex": rng.normal(500 * scale, 20, 6), "csf": rng.normal(100, 5, 6)}}
+    report = dm.comparison_report(table(1.0), {"sample": table(0.92)}, tmp_path, n_permutations=50)
+    from PIL import Image
+    plain = report["figure"].read_bytes()
+    with Image.open(report["figure"]) as png:
+        width, height = png.size
+    assert _texts(lab.show_report(report)) == [] and report["figure"].read_bytes() == plain   # no label: untouched
+    fig = lab.show_report(report, label=lab.SYNTHETIC)
+    assert sum(t == lab.SYNTHETIC for t in _texts(fig)) == 2                                   # banner + watermark
+    with Image.open(report["figure"]) as png:                     # the file says so too, above the same figure
+        assert png.text.get("Title") == lab.SYNTHETIC and png.size == (width, height + 50)
+    labelled = report["figure"].read_bytes()
+    assert labelled != plain
+    assert _texts(lab.show_report(report, label=lab.SYNTHETIC)) == [] and report["figure"].read_bytes() == labelled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volumes.csv", "volumes.png"]
+
+
+# --- What the regional-volume test can detect at its sample size ------------------------------------
+
+
+@pytest.mark.parametrize("n_a, n_b", [(4, 4), (3, 5), (2, 8), (5, 2)])
+def test_smallest_p_is_what_exact_enumeration_gives(n_a, n_b):
+    """Every a above every b (the most extreme data): enumerate all C(n_a + n_b, n_a) splits and count
+    those with |D| >= |D_obs|; lab.smallest_p must give that count / C, Holm's m times it (as
+    dm.adjust_pvalues computes it) and dm.permutation_test's random-split estimate of it."""
+    rng = np.random.default_rng(n_a * 10 + n_b)
+    a, b = 100 + rng.random(n_a), rng.random(n_b)
+    x, observed = np.r_[a, b], abs(a.mean() - b.mean())
+    splits = list(itertools.combinations(range(n_a + n_b), n_a))
+    hits = sum(abs(x[list(c)].mean() - np.delete(x, list(c)).mean()) >= observed - 1e-9 for c in splits)
+    s = lab.smallest_p(n_a, n_b, n_tests=10)
+    assert s["splits"] == len(splits) == math.comb(n_a + n_b, n_a)
+    assert s["exact"] == s["p"] == pytest.approx(hits / len(splits))
+    assert s["holm"] == pytest.approx(min(1.0, 10 * hits / len(splits)))
+    assert dm.adjust_pvalues(np.full(10, s["p"]), "holm").min() == pytest.approx(s["holm"])
+    n = 20_000
+    expected = lab.smallest_p(n_a, n_b, 10, n)["p"]
+    sd = math.sqrt(n * s["exact"] * (1 - s["exact"])) / (1 + n)
+    assert abs(dm.permutation_test(a, b, n, seed=1) - expected) < 5 * sd
+
+
+def test_detection_limits_say_when_nothing_can_be_significant():
+    # the issue's case: 4 samples against 4, Holm over 10 structures: every adjusted p >= 0.287
+    assert round(lab.smallest_p(4, 4, 10, 10_000)["holm"], 3) == 0.287
+    text = lab.detection_limits(4, 4, 10, 10_000)
+    assert "NO structure can be significant" in text and "0.29" in text
+    text = lab.detection_limits(32, 32, 6, 10_000)
+    assert "can be significant" in text and "NO structure" not in text and "0.87 standard deviations" in text
+    rows = [{"set": s, "structure": k, "n_synthetic": n, "n_real": 8} for s, n in (("a", 2), ("b", 8))
+            for k in ("x", "y", "z")]
+    lines = lab.detection_limits_of(rows, 200).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("a: 2 samples against 8, 3 structures") and lines[1].startswith("b: 8")
+    with pytest.raises(ValueError, match="n_a, n_b, n_tests >= 1"):
+        lab.smallest_p(0, 4)

@@ -7,7 +7,10 @@ the real fetch path (manifest, Pooch, cache, strict load) runs.
 
 The notebooks import ddpm_mini as dm and lab (notebooks/lab.py, the lessons' own helpers,
 tested in test_lab.py). Their Colab setup cell, which clones the repository to get lab.py,
-runs offline here against a local repository of this working tree.
+runs offline here against a local repository of this working tree. Each run gets its own data
+folder (DDPM_MINI_DATA), never the user's shared one. The exercises run solved
+(DDPM_MINI_SOLUTIONS=1: notebooks/solutions.py's answers); the students' version, as stored,
+must stop at each exercise with "your turn".
 """
 import ast
 import json
@@ -21,6 +24,7 @@ import time
 import pytest
 
 import ddpm_mini as dm
+from conftest import repository
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -30,6 +34,8 @@ CELL_TIMEOUT = 300          # seconds per cell (nbclient)
 FETCHES = {"00_quickstart", "02_sampling"}   # notebooks that download the MedForj weights
 STANDIN_NAMES = [f"MedForj-weights-{tag}_ema.safetensors" for tag in ("clean", "velocity", "flow", "rflow", "noise")]
 MAX_FUNCTION_LINES = 6      # "no function in a notebook longer than a few lines"
+EXERCISES = {"01_parameterizations": 4}   # notebooks with exercises: how many
+STUDENT = "# STUDENT: replace this line"
 
 
 def _read(name):
@@ -73,12 +79,14 @@ def _imported(source: str) -> set:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_setup_and_parameters_cells(name):
-    """First code cell: the marked REPO_URL; on Colab a clone of the repository, installed, with its
-    notebooks/ on sys.path (a checkout uses the folder above); dm, lab and the device. A cell tagged
-    "parameters" reads SMOKE from DDPM_MINI_SMOKE. A setup cell seeds and picks the data folder."""
+    """First code cell: REPO_URL, pyproject's address; on Colab a clone of the repository, installed,
+    with its notebooks/ on sys.path (a checkout uses the folder above); dm, lab and the device. A cell
+    tagged "parameters" reads SMOKE from DDPM_MINI_SMOKE. A setup cell seeds and takes the shared data
+    folder from lab.data_folder() (DDPM_MINI_DATA, else one per user)."""
     code = [c for c in _read(name).cells if c.cell_type == "code"]
     first = code[0].source
-    assert 'REPO_URL = "https://github.com/REPLACE-ME/ddpm-mini"' in first
+    url = repository()
+    assert f'REPO_URL = "{url}"' in first
     assert '"google.colab" in sys.modules' in first
     assert '["git", "clone"' in first and "REPO_URL, KIT]" in first
     assert '"--no-deps", "-e", KIT]' in first
@@ -90,9 +98,16 @@ def test_setup_and_parameters_cells(name):
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[1], f"{name}: the second code cell must be the tagged parameters cell"
     assert 'os.environ.get("DDPM_MINI_SMOKE") == "1"' in tagged[0].source
-    assert any("torch.manual_seed(SEED)" in c.source and "DDPM_MINI_DATA" in c.source for c in code[:3])
-    # the README's placeholder address appears nowhere else
-    assert sum(c.source.count("REPLACE-ME") for c in _read(name).cells) == 1
+    assert any("torch.manual_seed(SEED)" in c.source and "DATA = lab.data_folder()" in c.source for c in code[:3])
+    assert not any("tempfile" in c.source for c in code), f"{name}: a private temporary folder does not share work"
+    # the address appears once, in REPO_URL (tools/set_repo_url.py keeps it equal to pyproject's)
+    assert sum(c.source.count(url.split("github.com/")[1]) for c in _read(name).cells) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_install_from_pypi(name):
+    """The kit is not on PyPI: the notebooks never tell a student to `pip install ddpm-mini`."""
+    assert not [c for c in _read(name).cells if "pip install ddpm-mini" in c.source]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -132,13 +147,29 @@ def test_thin_cells(name):
     assert kinds.count("markdown") >= kinds.count("code") // 2 + 1, f"{name}: too little prose"
 
 
-def test_exercises_run_green_as_shipped():
-    """01's exercises: each STUDENT line is followed by an assert in the same cell."""
-    cells = [c.source for c in _read("01_parameterizations").cells if "# STUDENT: replace this line" in c.source]
-    assert 3 <= len(cells) <= 4
-    for src in cells:
-        after = src.split("# STUDENT: replace this line", 1)[1]
-        assert "assert " in after
+def _exercise_cells(name):
+    return [c for c in _read(name).cells if c.cell_type == "code" and STUDENT in c.source]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exercises_wait_for_the_student(name):
+    """Each exercise's STUDENT line is lab.your_turn(n, SOLUTIONS, ...), numbered 1, 2, ... in order, with
+    a reference answer in notebooks/solutions.py, and an assert (the self-check) follows it in the cell."""
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import solutions
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    cells = _exercise_cells(name)
+    assert len(cells) == EXERCISES.get(name, 0)
+    for number, cell in enumerate(cells, 1):
+        line = next(line for line in cell.source.splitlines() if STUDENT in line)
+        assert f"lab.your_turn({number}, SOLUTIONS, " in line, line
+        assert number in solutions.ANSWERS
+        assert "assert " in cell.source.split(STUDENT, 1)[1]
+    if cells:
+        params = [c for c in _read(name).cells if "parameters" in c.metadata.get("tags", [])][0].source
+        assert 'SOLUTIONS = os.environ.get("DDPM_MINI_SOLUTIONS") == "1"' in params
 
 
 # --- The Colab set-up, offline -------------------------------------------------------------------
@@ -201,7 +232,7 @@ def test_colab_setup_clones_the_kit(tmp_path):
     source = _kit_repository(tmp_path / "source")
     url = source.as_uri()                                  # file://: cloned like a remote (--depth works)
     setup = _code([c for c in _read(NAMES[0]).cells if c.cell_type == "code"][0])
-    cell = setup.replace('"https://github.com/REPLACE-ME/ddpm-mini"', repr(url))
+    cell = setup.replace(f'"{repository()}"', repr(url))
     assert cell != setup
     (tmp_path / "setup_cell.py").write_text(cell, encoding="utf-8")
     (tmp_path / "runner.py").write_text(_COLAB_RUNNER, encoding="utf-8")
@@ -259,7 +290,8 @@ def smoke_env(request, tmp_path, monkeypatch):
         "DDPM_MINI_SMOKE": "1",
         "DDPM_MINI_MANIFEST": str(manifest),
         "DDPM_MINI_CACHE": str(tmp_path / "cache"),
-        "DDPM_MINI_DATA": str(tmp_path / "data"),
+        "DDPM_MINI_DATA": str(tmp_path / "data"),    # never the user's shared folder
+        "DDPM_MINI_SOLUTIONS": "1",                  # the exercises run the reference answers
         "MPLBACKEND": "Agg",
         "PYTHONDONTWRITEBYTECODE": "1",          # `import lab` leaves no __pycache__ in notebooks/
         "CUDA_VISIBLE_DEVICES": "",              # smoke mode is a CPU run
@@ -270,7 +302,7 @@ def smoke_env(request, tmp_path, monkeypatch):
         # a closed loopback port: any fetch a notebook makes without a mirror fails at once
         "DDPM_MINI_MIRROR": "http://127.0.0.1:9",
     }
-    if request.node.callspec.params["name"] in FETCHES:
+    if request.node.callspec.params.get("name") in FETCHES:
         root, base = request.getfixturevalue("http_server")
         for fname in STANDIN_NAMES:
             _link_or_copy(request.getfixturevalue("standin_weights"), root / fname)
@@ -304,3 +336,22 @@ def test_notebook_runs_in_smoke_mode(name, smoke_env, tmp_path):
         assert list(pathlib.Path(smoke_env["DDPM_MINI_CACHE"]).glob("medforj_*/*.safetensors"))
     if name in ("00_quickstart", "02_sampling"):
         assert list(data.glob("*.nii.gz")), f"{name} saved no NIfTI"
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_students_version_says_your_turn(name, smoke_env, monkeypatch):
+    """As stored (SOLUTIONS off), the notebook runs up to its last exercise and every exercise cell,
+    and only those, stops with NotImplementedError("your turn: ...")."""
+    from nbclient import NotebookClient
+    monkeypatch.setenv("DDPM_MINI_SOLUTIONS", "0")
+    nb = _read(name)
+    last = max(i for i, c in enumerate(nb.cells) if STUDENT in c.source)
+    nb.cells = nb.cells[:last + 1]
+    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    errors = {i: o for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"}
+    exercises = [i for i, c in enumerate(nb.cells) if STUDENT in c.source]
+    assert sorted(errors) == exercises, {i: (o.ename, o.evalue) for i, o in errors.items()}
+    for i in exercises:
+        assert errors[i].ename == "NotImplementedError" and errors[i].evalue.startswith("your turn: exercise"), errors[i]

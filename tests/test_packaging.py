@@ -21,7 +21,8 @@ def requirement(spec):
 
 def test_environment_yml_mirrors_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = dict(requirement(s) for s in project["dependencies"] + project["optional-dependencies"]["test"])
+    extras = project["optional-dependencies"]
+    wanted = dict(requirement(s) for s in project["dependencies"] + extras["notebooks"] + extras["test"])
     conda = {}
     text = (ROOT / "environment.yml").read_text()
     for line in text[text.index("dependencies:"):].splitlines():
@@ -32,8 +33,31 @@ def test_environment_yml_mirrors_pyproject():
         conda_name = CONDA_NAMES.get(name, name)
         assert conda_name in conda, f"{name} is in pyproject.toml but not in environment.yml"
         assert conda[conda_name] == version, f"{name}: pyproject says {version!r}, environment.yml {conda[conda_name]!r}"
-    extra = set(conda) - {CONDA_NAMES.get(n, n) for n in wanted} - {"python", "jupyter"}
+    extra = set(conda) - {CONDA_NAMES.get(n, n) for n in wanted} - {"python"}
     assert not extra, f"environment.yml has dependencies pyproject.toml lacks: {extra}"
+
+
+def test_declared_torch_floor_has_what_the_code_uses():
+    """torch.amp.GradScaler(device_type) (training) came with torch 2.3: the floor says so, in both
+    files, and README names it with the versions tested."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "torch>=2.3" in [s.replace(" ", "") for s in project["dependencies"]]
+    assert "torch.amp.GradScaler(" in (ROOT / "ddpm_mini.py").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "torch >= 2.3" in readme and "2.13.0" in readme
+
+
+def test_readme_setup_reads_top_to_bottom():
+    """The CPU-torch line comes before the first `pip install -e .`; the notebooks extra brings a
+    Jupyter front-end and README says how to install it; README names the console command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    cpu = readme.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < readme.index("pip install -e .") < readme.index('pip install -e ".[test]"')
+    assert 'pip install -e ".[notebooks]"' in readme
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["notebooks"]
+    assert any(requirement(s)[0] in ("jupyterlab", "notebook", "jupyter") for s in extra)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"ddpm-mini": "ddpm_mini:main"} and "ddpm-mini sample" in readme
 
 
 def test_ci_runs_the_readme_test_command():
