@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def repository(root=ROOT) -> str:
     """The repository address: pyproject.toml's [project.urls] Repository, the one source of truth
-    (tools/set_repo_url.py copies it into README, the notebooks and the manifest)."""
+    (tests/set_repo_url.py copies it into README, the notebooks and the manifest)."""
     text = (pathlib.Path(root) / "pyproject.toml").read_text(encoding="utf-8")
     try:
         import tomllib  # Python 3.11+

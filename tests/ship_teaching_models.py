@@ -31,7 +31,7 @@ from lab import PhantomScore  # noqa: E402
 from conftest import repository  # noqa: E402  (tests/, this script's folder, is on sys.path)
 
 #: Where a shipped file is downloaded from when the checkout's copy is absent (Colab): the
-#: repository's raw files, at pyproject's address (tools/set_repo_url.py keeps the manifest on it).
+#: repository's raw files, at pyproject's address (tests/set_repo_url.py keeps the manifest on it).
 RAW = repository().replace("https://github.com/", "https://raw.githubusercontent.com/", 1) + "/main/weights/"
 CITATION = "ddpm-mini teaching models (this repository)"
 

@@ -100,7 +100,7 @@ def test_setup_and_parameters_cells(name):
     assert 'os.environ.get("DDPM_MINI_SMOKE") == "1"' in tagged[0].source
     assert any("torch.manual_seed(SEED)" in c.source and "DATA = lab.data_folder()" in c.source for c in code[:3])
     assert not any("tempfile" in c.source for c in code), f"{name}: a private temporary folder does not share work"
-    # the address appears once, in REPO_URL (tools/set_repo_url.py keeps it equal to pyproject's)
+    # the address appears once, in REPO_URL (tests/set_repo_url.py keeps it equal to pyproject's)
     assert sum(c.source.count(url.split("github.com/")[1]) for c in _read(name).cells) == 1
 
 

@@ -1,7 +1,7 @@
 """One source of truth for the repository address: pyproject.toml's [project.urls] Repository.
 
 README's clone line and Colab links, every notebook's REPO_URL line and the teaching models'
-download URLs in data_manifest.csv agree with it, and tools/set_repo_url.py rewrites all of them
+download URLs in data_manifest.csv agree with it, and tests/set_repo_url.py rewrites all of them
 in one command (run here on a copy of the files)."""
 import csv
 import difflib
@@ -17,7 +17,7 @@ import pytest
 from conftest import repository
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "set_repo_url.py"
+TOOL = ROOT / "tests" / "set_repo_url.py"
 NAMES = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 NEW = "https://github.com/ada-lab/brain.ddpm"   # a name with a dot: the hardest legal case
 
@@ -65,7 +65,7 @@ def test_readme_badges_notebooks_and_manifest_agree_with_pyproject():
 
 
 def test_readme_says_how_to_change_the_address():
-    assert "python tools/set_repo_url.py https://github.com/" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "python tests/set_repo_url.py https://github.com/" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _copy(dest: pathlib.Path) -> list:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Set the kit's repository address everywhere it is written, in one command.
 
-    python tools/set_repo_url.py https://github.com/OWNER/REPO      # rewrite every place
-    python tools/set_repo_url.py --check                            # list places that disagree
+    python tests/set_repo_url.py https://github.com/OWNER/REPO      # rewrite every place
+    python tests/set_repo_url.py --check                            # list places that disagree
 
 pyproject.toml's `[project.urls] Repository` is the source of truth. The script reads the
 current address there and rewrites each place that spells it, in three forms:
