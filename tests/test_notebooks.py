@@ -338,6 +338,23 @@ def test_notebook_runs_in_smoke_mode(name, smoke_env, tmp_path):
         assert list(data.glob("*.nii.gz")), f"{name} saved no NIfTI"
 
 
+def test_setup_cell_takes_the_thread_count(monkeypatch):
+    """DDPM_MINI_THREADS (or THREADS edited in the set-up cell) sets torch's CPU threads; the cell prints
+    the count in use."""
+    from nbclient import NotebookClient
+    for key, value in {"DDPM_MINI_THREADS": "2", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": "",
+                       "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(ROOT)}.items():
+        monkeypatch.setenv(key, value)  # OMP_NUM_THREADS 1: only the cell can make it 2
+    for name in NAMES:
+        setup = [c for c in _read(name).cells if c.cell_type == "code" and "DDPM_MINI_THREADS" in c.source]
+        assert len(setup) == 1, name
+    nb = _read(NAMES[0])
+    nb.cells = [c for c in nb.cells if c.cell_type == "code" and "DDPM_MINI_THREADS" in c.source]
+    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    assert "CPU threads: 2" in "".join(o.get("text", "") for o in nb.cells[0].outputs)
+
+
 @pytest.mark.parametrize("name", sorted(EXERCISES))
 def test_students_version_says_your_turn(name, smoke_env, monkeypatch):
     """As stored (SOLUTIONS off), the notebook runs up to its last exercise and every exercise cell,
