@@ -153,7 +153,7 @@ def summary(rows: list, runs, args) -> None:
         rate = rates.get((prediction, shape))
         minutes = f"{first * rate / 60:8.1f}" if first and rate else (f"> {last * rate / 60:.0f}" if rate else "")
         print(f"{name:22s} {prediction:10s} {'x'.join(map(str, shape)):9s} {last:9d} "
-              f"{first if first else '> ' + str(last):>12} {best['tdice'] + ' @' + best['step']:>26s} "
+              f"{first if first else '> ' + str(last):>12} {best['tdice'] + ' @' + str(best['step']):>26s} "
               f"{rate if rate else float('nan'):7.2f} {minutes:>8s}", flush=True)
 
 if __name__ == "__main__":
