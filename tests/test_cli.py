@@ -94,7 +94,9 @@ def test_sample_command_writes_nifti_and_png(tmp_path, tiny_weights, capsys):
     assert "first step:" in printed and "min per sample" in printed
     img = nib.load(out)
     assert img.shape == (16, 16, 8) and img.get_data_dtype() == np.uint16
-    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and np.allclose(img.header.get_zooms(), 14)  # 224 mm / 16
+    # a file that records no training grid is taken as the published grid's model: 1 mm voxels, centred
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and np.allclose(img.header.get_zooms(), 1)
+    np.testing.assert_allclose(img.affine[:3, :3] @ [7.5, 7.5, 3.5] + img.affine[:3, 3], 0)
     data = np.asarray(img.dataobj)
     assert data.min() == 0 and data.max() == 65535  # min-max over the full uint16 range
     assert (tmp_path / "s.png").stat().st_size > 1000
