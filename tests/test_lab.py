@@ -266,7 +266,7 @@ def test_comparison_summary_ranks_sets_by_distance_to_the_truth():
 #: Shipped models whose samples must be recognisable phantoms (3 of 4, lab.PhantomScore's criterion).
 #: Noise prediction is shipped and reported, not held to it (it does not learn the phantoms: see
 #: docs/methods.md#teaching-models for its scores).
-RECOGNISABLE = ("flow", "sample")
+RECOGNISABLE = ("flow", "sample", "velocity")
 
 
 @pytest.mark.parametrize("prediction", dm.PREDICTIONS)
