@@ -73,7 +73,10 @@ from matplotlib.figure import Figure
 from nibabel import orientations as ornt
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+if os.environ.get("DDPM_MINI_STATIC") == "1":  # saved pages (see _widgets): text progress bars
+    from tqdm.std import tqdm
+else:
+    from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 __version__ = "0.1.0"
 
@@ -2872,8 +2875,12 @@ def save_slices_png(volume, path, title=None, dpi=100) -> pathlib.Path:
 
 
 def _widgets():
-    """The ipywidgets module when running inside IPython with ipywidgets installed, else None.
+    """The ipywidgets module when running inside IPython with ipywidgets installed, else None, as
+    also when DDPM_MINI_STATIC=1 asks for static figures (a notebook saved with its outputs, e.g.
+    tests/render_previews.py, or one exported to HTML or PDF, keeps figures, not widgets).
     (Imported here, not at the top: the kit runs without IPython.)"""
+    if os.environ.get("DDPM_MINI_STATIC") == "1":
+        return None
     try:
         import ipywidgets
         from IPython import get_ipython

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 import ddpm_mini as dm
 
+tqdm = dm.tqdm  # progress bars: widgets in Jupyter, text on saved pages (DDPM_MINI_STATIC=1)
+
 # --- Set-up: the shared data folder, exercises, runs to reuse ------------------------------------
 
 

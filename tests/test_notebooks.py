@@ -68,6 +68,47 @@ def test_stored_without_outputs_and_valid(name):
         assert "attachments" not in cell or not cell.attachments
 
 
+PREVIEWS = ROOT / "docs" / "previews"
+#: Notebooks with a rendered preview. Not 00 and 02 (the published weights cannot be fetched where the
+#: previews are rendered); 03 and 04 once the shipped velocity model is final.
+PREVIEWED = ["01_parameterizations", "05_inverse_problems"]
+
+
+def test_every_preview_is_checked():
+    assert sorted(p.stem for p in PREVIEWS.glob("*.ipynb")) == PREVIEWED
+
+
+@pytest.mark.parametrize("name", PREVIEWED)
+def test_preview_matches_its_notebook(name):
+    """docs/previews/<name>.ipynb (tests/render_previews.py) is the notebook as it is now, run in full:
+    the same code cells in the same order, every one executed without an error, with outputs, under
+    a header that says when and how long it ran."""
+    import nbformat
+    path = PREVIEWS / f"{name}.ipynb"
+    assert path.is_file(), f"no preview {path}: python tests/render_previews.py {name}"
+    preview = nbformat.read(path, as_version=4)
+    nbformat.validate(preview)
+    head, cells = preview.cells[0], preview.cells[1:]
+    assert head.cell_type == "markdown" and "Preview with outputs" in head.source and " minutes" in head.source
+    source = [c.source for c in _read(name).cells if c.cell_type == "code"]
+    rendered = [c for c in cells if c.cell_type == "code"]
+    assert [c.source for c in rendered] == source, (
+        f"{path} no longer matches notebooks/{name}.ipynb: render it again (python tests/render_previews.py {name})")
+    assert all(c.execution_count for c in rendered), f"{path}: a code cell did not run"
+    outputs = [o for c in rendered for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1, f"{path}: no figure"
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], (
+        f"{path}: a widget, which a saved page cannot show (render with DDPM_MINI_STATIC=1)")
+
+
+def test_render_previews_names_the_notebooks_it_knows():
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "render_previews.py"), "03_trainin"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "no notebook 03_trainin" in run.stderr and "03_training" in run.stderr
+    assert not list(PREVIEWS.glob(".*.part")), "a half-written preview was left behind"
+
+
 def _imported(source: str) -> set:
     """Top-level names a cell's import statements bind (import a.b as c -> c; import a.b -> a)."""
     names = set()

@@ -1,12 +1,18 @@
 """Section 11 (viewing): orthogonal slices of LPS volumes (docs/methods.md#intensity-conventions),
 the static figures and PNGs, and the viewer with and without widgets. Plain Python here (no
 IPython kernel): view() returns its static Figure unless with_widgets (conftest.py) stands in."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import ddpm_mini as dm
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (6, 8, 10)  # (D, H, W) = (L-R, P-A, I-S)
 
 
@@ -64,6 +70,23 @@ def test_viewers_without_widgets():
     x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert len(dm.show_volumes({"a": x[0], "b": x[1, 0].numpy()}).axes) == 6
     assert len(dm.view(x[:1]).axes) == 3                                # no IPython here: the static figure
+
+
+def test_widgets_inside_ipython_unless_static_figures_are_asked_for(monkeypatch):
+    ipywidgets = pytest.importorskip("ipywidgets")
+    import IPython
+    monkeypatch.delenv("DDPM_MINI_STATIC", raising=False)
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())     # as inside a kernel
+    assert dm._widgets() is ipywidgets
+    monkeypatch.setenv("DDPM_MINI_STATIC", "1")                         # rendered previews, HTML/PDF export
+    assert dm._widgets() is None
+    x = torch.zeros(1, 1, 16, 16, 16)
+    assert len(dm.view(x).axes) == 3                                    # the static figure
+    check = "import ddpm_mini as dm, tqdm.std; print(dm.tqdm is tqdm.std.tqdm)"  # text progress bars too
+    for value, expected in (("1", "True"), ("0", "False")):
+        run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                             env={**os.environ, "DDPM_MINI_STATIC": value}, cwd=ROOT)
+        assert run.stdout.strip() == expected, run.stderr
 
 
 def test_show_volumes_rows_and_ranges(tmp_path):
