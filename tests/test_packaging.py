@@ -64,6 +64,8 @@ def test_ci_runs_the_readme_test_command():
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
     command = 'pip install -e ".[test]" && pytest'
     assert command in readme and command in ci.splitlines()
+    first = "ddpm-mini demo --pretrained"  # README (a)'s offline first run, in the same fresh environment
+    assert first in readme and first in ci and ci.index(first) < ci.index(command)
 
 
 def test_manifest_and_teaching_models_ship_with_the_module():
