@@ -11,7 +11,8 @@ the recorded decay from the first step (no EMA warm-up), so Adam's first, unscal
 reach it at full strength. The phantoms come from --seed (default 1: not the stream the model first
 trained on). After that the folder is an ordinary run: --resume continues it exactly,
 tests/bench_lab.py scores its checkpoints and tests/ship_teaching_models.py ships one (say in
---command that it continued the shipped file). init.json in the folder records where it started.
+--command what this run did; it adds the source's steps, seconds and loss history, which init.json
+in the folder keeps with the start).
 """
 import argparse
 import hashlib
@@ -49,13 +50,15 @@ def main():
     if args.resume:
         if not record.exists():
             raise SystemExit(f"continue_teaching_model: {args.out} has no init.json: not a run this script started")
-        if json.loads(record.read_text()) != started:
+        if {k: v for k, v in json.loads(record.read_text()).items() if k != "source"} != started:
             raise SystemExit(f"continue_teaching_model: {record} records another start: {record.read_text()}")
     elif args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"continue_teaching_model: {args.out} is not empty; --resume continues it")
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(started, indent=1) + "\n")
+        # how the source was trained, for tests/ship_teaching_models.py to add this run to
+        source_meta = {k: meta[k] for k in ("step", "seconds", "command", "history", "history_every") if k in meta}
+        record.write_text(json.dumps(started | {"source": source_meta}, indent=1) + "\n")
     data = dm.PhantomDataset(shape=tuple(meta["shape"]), seed=args.seed)
     result = dm.train(model, data, meta["prediction"], args.steps, batch_size=started["batch_size"], lr=started["lr"],
                       ema_decay=started["ema_decay"], ema_warmup=False, out=args.out,

@@ -63,9 +63,16 @@ def ship(run: pathlib.Path, args) -> dict:
     out = ROOT / "weights" / f"{name}.safetensors"
     keep = {k: meta[k] for k in ("prediction", "shape", "step", "seed", "batch_size", "lr", "ema_decay", "seconds")
             if k in meta}
+    command = args.command.format(prediction=meta["prediction"])
+    if (run / "init.json").exists():  # a run of tests/continue_teaching_model.py: add the model it started from
+        source = json.loads((run / "init.json").read_text())["source"]
+        keep["step"] = int(source["step"]) + int(meta["step"])
+        keep["seconds"] = f"{float(source['seconds']) + float(meta['seconds']):.1f}"
+        earlier = json.loads(source["history"]) if isinstance(source["history"], str) else source["history"]
+        coarse = [float(v) for v in earlier] + coarse
+        command = f"{source['command']}; then {command}"
     dm.save_weights(model, out, schedule=dm.Schedule.from_config(meta["schedule"]), dtype=torch.float16, **keep,
-                    ema="true", command=args.command.format(prediction=meta["prediction"]), history=coarse,
-                    history_every=10)
+                    ema="true", command=command, history=coarse, history_every=10)
     half, half_meta = dm.load_model(out, "cpu")
     a, b = samples(model, meta), samples(half, half_meta)
     diff = float((a - b).abs().max())

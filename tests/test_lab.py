@@ -3,9 +3,12 @@
 Plain Python here (no IPython kernel), so every widget returns its static Figure fallback.
 """
 import ast
+import hashlib
 import itertools
+import json
 import math
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -289,6 +292,32 @@ def test_shipped_teaching_model_draws_what_its_row_promises(prediction, one_thre
         assert ok >= 3, [round(score.tdice(v), 3) for v in x]
     else:
         assert ok == 0  # the row says: not recognisable; if this changes, update docs and this test
+
+
+def test_continue_teaching_model_starts_from_the_shipped_weights(tmp_path):
+    """tests/continue_teaching_model.py: a new run from teaching_sample's weights with a fresh Adam and
+    the EMA at the shipped weights from step 1 (decay 0.999, no warm-up); --resume continues it, a
+    second start into the same folder is refused; init.json keeps the source's training record."""
+    script, out = ROOT / "tests" / "continue_teaching_model.py", tmp_path / "run"
+
+    def run(*extra):
+        return subprocess.run([sys.executable, str(script), "teaching_sample", "--out", str(out), "--threads", "1",
+                               "--checkpoint-every", "1", *extra], capture_output=True, text=True)
+    assert run("--steps", "1").returncode == 0
+    assert run("--steps", "2", "--resume").returncode == 0
+    refused = run("--steps", "2")
+    assert refused.returncode != 0 and "--resume continues it" in refused.stderr
+    shipped, source = dm.load_model(dm.fetch("teaching_sample"), "cpu")
+    ema, meta = dm.load_model(out, "cpu")
+    raw, _ = dm.load_model(out / "checkpoints" / "step_000002" / "model.safetensors", "cpu")
+    assert meta["step"] == "2" and meta["ema_warmup"] == "false" and meta["seed"] == "1"
+    moved = lambda m: max(float((a - b).abs().max()) for a, b in zip(m.state_dict().values(),
+                                                                     shipped.state_dict().values()))
+    assert moved(raw) > 5e-4           # Adam's first steps move weights by about lr = 1e-3 each
+    assert moved(ema) < 1e-5           # 0.999-EMA: 0.1% of that (with a warm-up it would follow raw)
+    start = json.loads((out / "init.json").read_text())
+    assert start["source"]["step"] == source["step"] and start["sha256"] == hashlib.sha256(
+        dm.fetch("teaching_sample").read_bytes()).hexdigest()
 
 
 def test_psnr():
