@@ -52,8 +52,9 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--csv", type=pathlib.Path, help="append the rows here")
     p.add_argument("--cache", type=pathlib.Path, help="keep each drawn chunk of --batch samples here "
-                   "(<model>_step<its training step>_<method>_<steps>_<first>-<end>.pt) and reuse it: a run stopped part-way (hours on a "
-                   "CPU) goes on where it stopped; --batch 2 keeps a 1000-step chunk under an hour on a 2-core CPU")
+                   "(<model>_step<its training step>_<method>_<steps>_<first>-<end>.pt) and reuse it: a run "
+                   "stopped part-way (hours on a CPU) goes on where it stopped; --batch 2 keeps a 1000-step "
+                   "chunk under an hour on a 2-core CPU")
     args = p.parse_args()
     device = dm._device(args.device)
     rows = []
@@ -68,7 +69,8 @@ def main():
             """Samples i .. i + batch of one set, drawn or (--cache) read back: each chunk is kept as
             soon as it is drawn, so a stopped run loses at most one chunk."""
             j = min(i + args.batch, args.n)
-            kept = args.cache and args.cache / f"{pathlib.Path(name).name}_step{meta.get('step')}_{method}_{steps}_{i}-{j}.pt"
+            tag = f"{pathlib.Path(name).name}_step{meta.get('step')}_{method}_{steps}_{i}-{j}"
+            kept = args.cache and args.cache / f"{tag}.pt"
             if kept and kept.exists():
                 saved = torch.load(kept, weights_only=True)
                 return saved["x"], float(saved["seconds"])
