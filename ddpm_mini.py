@@ -1738,7 +1738,9 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     supported, else float16 with a GradScaler); a CPU runs float32. out: checkpoints every checkpoint_every
     steps and at the end (the newest `keep`), history.csv, previews every preview_every steps
     (also passed to on_preview(step, x)); None writes nothing. resume=True continues the newest
-    checkpoint in out, bit-identical on a CPU. max_minutes stops early, with a checkpoint. Under
+    checkpoint in out, bit-identical on a CPU; an lr other than the run's applies from the resumed step
+    on (a step decay, e.g. 1e-3 then 1e-4 to finish a run), recorded as lr_steps [[step, lr], ...] in
+    every later checkpoint. max_minutes stops early, with a checkpoint. Under
     torchrun: DistributedDataParallel, own data and noise per rank, rank 0 writes.
     """
     prediction, device = canonical_prediction(prediction), _device(device)
@@ -1754,13 +1756,19 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     net, rank, world, own_group = _distribute(model, ema, device, fresh=ckpt is None)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    step, position, history, seconds = _restore(ckpt, model, ema, optimizer, scaler, prediction, schedule, rank, world)
+    step, position, history, seconds, lr_steps = _restore(ckpt, model, ema, optimizer, scaler, prediction, schedule,
+                                                          rank, world)
+    if lr_steps[-1][1] != lr:  # resumed at another learning rate: a step schedule, recorded from this step on
+        lr_steps = lr_steps + [[step, lr]]
+    for group in optimizer.param_groups:  # (the restored optimizer state carries the run's old rate)
+        group["lr"] = lr
     batches = _batches(_elements(data, seed, rank, world, position), batch_size, getattr(model, "spatial_dims", 3))
     writes = out is not None and rank == 0
     result = TrainResult(model, ema, history, ckpt if writes else None, out / "history.csv" if writes else None)
     ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))  # (EMA tensor, its source)
     recorded = dict(prediction=prediction, schedule=schedule, seed=seed, batch_size=batch_size * world, lr=lr,
-                    ema_decay=ema_decay, ema_warmup=ema_warmup, max_grad_norm=max_grad_norm)  # in every checkpoint
+                    lr_steps=lr_steps, ema_decay=ema_decay, ema_warmup=ema_warmup,
+                    max_grad_norm=max_grad_norm)  # in every checkpoint
     capped = f", up to {max_minutes:g} min" if max_minutes is not None else ""  # a time cap: no step total to count to
     bar = tqdm(total=None if capped else steps, initial=step, desc=f"training ({prediction}{capped})",
                disable=not progress or rank != 0)
@@ -1792,7 +1800,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
         if out is not None and (step % checkpoint_every == 0 or step == steps or stop):
             spent = seconds + time.perf_counter() - started
             _write_checkpoint(result, out if writes else None, step, model, ema, optimizer, scaler, keep, world,
-                              {"data_position": position, "seed": seed, "seconds": spent},
+                              {"data_position": position, "seed": seed, "seconds": spent, "lr_steps": lr_steps},
                               dict(recorded, shape=list(x0.shape[2:]), seconds=round(spent, 1)))
         if preview_every and step % preview_every == 0 and rank == 0 and (writes or on_preview is not None):
             _preview(result, out if writes else None, prediction, tuple(x0.shape[1:]), step, preview_steps,
@@ -1921,9 +1929,10 @@ def _ema_update(pairs: list, decay: float) -> None:
 
 def _restore(ckpt, model, ema, optimizer, scaler, prediction: str, schedule: Schedule, rank: int, world: int) -> tuple:
     """Load a checkpoint's weights, optimizer, scaler and RNG states; returns (step, data position,
-    loss history, training seconds so far), (0, 0, [], 0.0) for a fresh run."""
+    loss history, training seconds so far, [[step, lr], ...] the learning rate from each step on),
+    (0, 0, [], 0.0, [[0, the optimizer's lr]]) for a fresh run."""
     if ckpt is None:
-        return 0, 0, [], 0.0
+        return 0, 0, [], 0.0, [[0, optimizer.param_groups[0]["lr"]]]
     meta = load_weights(model, ckpt / "model.safetensors")
     if meta.get("prediction") != prediction:
         raise ValueError(f"train: {ckpt} was trained for {meta.get('prediction')!r}, not {prediction!r}")
@@ -1939,7 +1948,8 @@ def _restore(ckpt, model, ema, optimizer, scaler, prediction: str, schedule: Sch
     else:
         warnings.warn(f"train: {ckpt} comes from {len(state['rng'])} process(es), this run has {world}; "
                       "the global RNG states are not restored", stacklevel=3)
-    return state["step"], state["data_position"], state["history"].tolist(), float(state.get("seconds", 0.0))
+    lr_steps = state.get("lr_steps") or [[0, optimizer.param_groups[0]["lr"]]]  # (older checkpoints: one rate)
+    return state["step"], state["data_position"], state["history"].tolist(), float(state.get("seconds", 0.0)), lr_steps
 
 
 def _preview(result: TrainResult, out, prediction: str, shape: tuple, step: int, steps: int, schedule, seed: int,
@@ -3149,7 +3159,8 @@ def _sample_parser(sub):
 
 def _resume_options(args, ckpt, recipe: dict) -> dict:
     """train --resume: the run's own settings fill the options left out; an option given with
-    another value than the run's (recorded in its checkpoint) is refused, naming both."""
+    another value than the run's (recorded in its checkpoint) is refused, naming both, except --lr:
+    a new learning rate applies from the resumed step on (train's lr_steps records it)."""
     meta = load_model(ckpt, "cpu")[1]
     unets = {"teaching": TEACHING_UNET, "medforj": MEDFORJ_UNET}
     run = {"unet": meta["unet"], "size": meta.get("shape"), "seed": int(meta.get("seed", 0)),
@@ -3161,7 +3172,11 @@ def _resume_options(args, ckpt, recipe: dict) -> dict:
         with torch.device("meta"):
             return UNet(**unets[name]).config
     same = {"unet": lambda a, b: config(a) == b}
+    if given["lr"] is not None and run["lr"] is not None and given["lr"] != run["lr"]:
+        print(f"train --resume: learning rate {run['lr']:g} until step {meta['step']}, {given['lr']:g} from there on")
     for key, value in given.items():
+        if key == "lr":
+            continue
         if value is not None and run[key] is not None and not same.get(key, lambda a, b: a == b)(value, run[key]):
             option = "--" + key.replace("_", "-")
             raise ValueError(f"train --resume: {option} {value} differs from the run's {run[key]} (recorded in {ckpt}); "
@@ -3241,7 +3256,8 @@ def _train_parser(sub):
     p.add_argument("--steps", type=_COUNT, default=5000, help="total optimizer steps (default 5000)")
     p.add_argument("--minutes", type=_number(float, 0, lo_open=True), help="stop (with a checkpoint) after this much training time")
     p.add_argument("--batch-size", type=_COUNT, help="volumes per step and process (default 2; --resume: the run's)")
-    p.add_argument("--lr", type=_number(float, 0, lo_open=True), help="Adam learning rate (default 1e-4, the paper's; --resume: the run's)")
+    p.add_argument("--lr", type=_number(float, 0, lo_open=True), help="Adam learning rate (default 1e-4, the paper's; --resume: the run's, or a new one from the "
+                   "resumed step on, e.g. 1e-4 to finish a run started at 1e-3)")
     p.add_argument("--ema-decay", type=_number(float, 0, 1, hi_open=True), help="EMA decay in [0, 1) (default: the recipe's, 0.999 or 0.9998)")
     p.add_argument("--out", default="run", help="output folder (default ./run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")

@@ -5,8 +5,8 @@
 For each run folder (a `python ddpm_mini.py train` output) it takes the EMA weights of the newest
 checkpoint (or --step N) and writes weights/teaching_<prediction>.safetensors in float16, with the
 metadata load_model needs (prediction, unet, schedule, shape) and how the model was trained (step,
-seconds, batch_size, lr, ema_decay, seed, the train command from --command, and the loss history
-as "history": the mean loss of every 10 steps). Before writing it checks that half precision does not
+seconds, batch_size, lr and lr_steps, ema_decay, seed, the train command from --command, and the
+loss history as "history": the mean loss of every 10 steps). Before writing it checks that half precision does not
 change what the model draws: 4 samples (20 DDIM steps, seed 0) from the float32 and the float16
 weights must agree within --tolerance (max |difference|, intensities in [-1, 1]) and get the same
 lab.PhantomScore verdicts. Then it writes the file's sha256 and size into the teaching_<prediction>
@@ -61,8 +61,8 @@ def ship(run: pathlib.Path, args) -> dict:
     coarse = [float(f"{v:.4g}") for v in history[: len(history) // 10 * 10].reshape(-1, 10).mean(1)]
     name = f"teaching_{meta['prediction']}"
     out = ROOT / "weights" / f"{name}.safetensors"
-    keep = {k: meta[k] for k in ("prediction", "shape", "step", "seed", "batch_size", "lr", "ema_decay", "seconds")
-            if k in meta}
+    keep = {k: meta[k] for k in ("prediction", "shape", "step", "seed", "batch_size", "lr", "lr_steps", "ema_decay",
+                                 "seconds") if k in meta}
     command = args.command.format(prediction=meta["prediction"])
     if (run / "init.json").exists():  # a run of tests/continue_teaching_model.py: add the model it started from
         source = json.loads((run / "init.json").read_text())["source"]

@@ -3,6 +3,7 @@ dm.main([...]) (and, where it matters, `python ddpm_mini.py` itself): help, main
 handling, sample, train and demo, fetch, preprocess, evaluate."""
 import csv
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -565,12 +566,12 @@ def test_sample_refuses_out_for_several_samples_and_unusable_devices(tmp_path, t
 
 def test_cli_train_resume_refuses_other_settings_and_keeps_the_runs(tmp_path, capsys):
     """train --resume: a setting given with another value than the run's is refused (naming both); left out, the
-    run's own is used (here lr 2e-3, batch 1, seed 3 and its grid continue without being repeated)."""
+    run's own is used (here lr 2e-3, batch 1, seed 3 and its grid continue without being repeated). --lr is the
+    exception: a new rate applies from the resumed step on, is said, recorded and kept by a later --resume."""
     out = tmp_path / "run"
     base = ["train", "--phantoms", "--prediction", "flow", "--out", str(out)]
     assert dm.main(base + ["--size", "16", "16", "16", "--batch-size", "1", "--lr", "2e-3", "--seed", "3", "--steps", "1"]) == 0
-    for extra, message in ((["--lr", "1e-3"], "--lr 0.001 differs from the run's 0.002"),
-                           (["--batch-size", "2"], "--batch-size 2 differs from the run's 1"),
+    for extra, message in ((["--batch-size", "2"], "--batch-size 2 differs from the run's 1"),
                            (["--seed", "0"], "--seed 0 differs from the run's 3"),
                            (["--size", "16", "16", "8"], "--size [16, 16, 8] differs from the run's [16, 16, 16]"),
                            (["--unet", "medforj"], "--unet medforj differs from the run's"),
@@ -583,6 +584,12 @@ def test_cli_train_resume_refuses_other_settings_and_keeps_the_runs(tmp_path, ca
     assert dm.main(base + ["--resume", "--steps", "2", "--lr", "2e-3", "--unet", "teaching"]) == 0   # same values: fine
     meta = dm.load_model(out)[1]
     assert (meta["step"], meta["lr"], meta["batch_size"], meta["seed"], meta["shape"]) == ("2", "0.002", "1", "3", [16, 16, 16])
+    capsys.readouterr()
+    assert dm.main(base + ["--resume", "--steps", "3", "--lr", "5e-4"]) == 0
+    assert "train --resume: learning rate 0.002 until step 2, 0.0005 from there on" in capsys.readouterr().out
+    assert dm.main(base + ["--resume", "--steps", "4"]) == 0                  # left out: the run's newest rate
+    meta = dm.load_model(out)[1]
+    assert (meta["step"], meta["lr"], json.loads(meta["lr_steps"])) == ("4", "0.0005", [[0, 0.002], [2, 0.0005]])
 
 
 def test_cli_outputs_are_checked_before_any_work(tmp_path, tiny_weights, capsys):

@@ -266,7 +266,8 @@ def test_comparison_summary_ranks_sets_by_distance_to_the_truth():
 
 # --- The shipped teaching models (docs/methods.md#teaching-models) --------------------------------
 
-#: Shipped models whose samples must be recognisable phantoms (3 of 4, lab.PhantomScore's criterion).
+#: Shipped models whose samples must be recognisable phantoms (lab.PhantomScore's criterion; a model needs 3
+#: of 4, and these draw 4 of 4 here, 16 of 16 over 16 samples with tissue Dice 0.46-0.54: README).
 #: Noise prediction is shipped and reported, not held to it (it does not learn the phantoms: see
 #: docs/methods.md#teaching-models for its scores).
 RECOGNISABLE = ("flow", "sample", "velocity")
@@ -289,7 +290,7 @@ def test_shipped_teaching_model_draws_what_its_row_promises(prediction, one_thre
     score = lab.PhantomScore(dm.TEACHING_SHAPE)
     ok = sum(score.recognisable(v) for v in x)
     if prediction in RECOGNISABLE:
-        assert ok >= 3, [round(score.tdice(v), 3) for v in x]
+        assert ok == 4, [round(score.tdice(v), 3) for v in x]
     else:
         assert ok == 0  # the row says: not recognisable; if this changes, update docs and this test
 

@@ -3,7 +3,9 @@ EMA follows its formula (docs/math.md#ema), checkpoints record the run (docs/met
 and resume bit-identically and survive a crash mid-write, DDP on two CPU processes. The train and
 demo commands: test_cli.py."""
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +112,30 @@ def test_resume_is_bit_identical(tmp_path, kind):
     assert not same(first.model, resumed.model)
     seconds = [float(dm.load_model(r.checkpoint)[1]["seconds"]) for r in (first, resumed)]  # over both sittings
     assert 0 < seconds[0] < seconds[1] and torch.load(resumed.checkpoint / "state.pt")["seconds"] == pytest.approx(seconds[1], abs=0.05)
+
+
+def test_resume_at_another_lr_is_a_step_schedule(tmp_path):
+    """resume=True with another lr: from the same state (weights, Adam moments, batch and noise) Adam's
+    next update is lr times the same direction, so at a tenth of the run's rate the third step moves
+    every weight by a tenth as much (up to float32 rounding of w + update: two spacings at the largest
+    weight, rtol 1e-3); the checkpoints record
+    lr_steps [[0, 1e-3], [2, 1e-4]] and the new lr, and a resume at the run's lr adds nothing."""
+    first = run(tmp_path / "a", 2, lr=1e-3)
+    start = {k: v.clone() for k, v in first.model.state_dict().items()}
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    kept, lowered = run(tmp_path / "a", 3, lr=1e-3, resume=True), run(tmp_path / "b", 3, lr=1e-4, resume=True)
+    moved = 0
+    for key, w in start.items():
+        if w.is_floating_point():
+            step_kept, step_lowered = kept.model.state_dict()[key] - w, lowered.model.state_dict()[key] - w
+            ulp = w.abs().max().item() * 2 ** -23  # float32's spacing at the largest weight
+            torch.testing.assert_close(step_lowered, 0.1 * step_kept, rtol=1e-3, atol=2 * ulp)
+            moved += int(step_kept.abs().max() > 1e-4)
+    assert moved > 10  # the third step did move the weights
+    metas = [dm.load_model(r.checkpoint)[1] for r in (kept, lowered)]
+    assert [json.loads(m["lr_steps"]) for m in metas] == [[[0, 1e-3]], [[0, 1e-3], [2, 1e-4]]]
+    assert [m["lr"] for m in metas] == ["0.001", "0.0001"]
+    assert torch.load(lowered.checkpoint / "state.pt", weights_only=True)["lr_steps"] == [[0, 1e-3], [2, 1e-4]]
 
 
 def test_checkpoint_contents(tmp_path):
