@@ -4,6 +4,7 @@ parameterization.
 
     python tests/bench_lab.py runs/teaching_flow runs/teaching_sample ...   # score every checkpoint
     python tests/bench_lab.py --speed 12      # the CSV's runs, with this machine's s/step and minutes
+    python tests/bench_lab.py --shipped 16    # the shipped teaching models, 16 samples each, and real phantoms
 
 For every complete checkpoint (checkpoints/step_NNNNNN) of each run folder it draws 4 samples of the
 EMA weights (DDIM, --sample-steps, starting noise torch.Generator().manual_seed(0)) at the run's
@@ -22,6 +23,11 @@ threads (after 2 warm-up steps, as the difference of a (2 + N)-step and a 2-step
     minutes to recognisable = (first step at which the model is recognisable) x (seconds per step) / 60.
 Run it with nothing else on the machine for the seconds per step to mean anything; the grid's
 baselines (real phantoms 30000.., the blurred mean head, noise) are printed first.
+
+--shipped N scores the shipped teaching models (dm.fetch("teaching_<prediction>")) the same way with N
+samples each (seed 0), beside N unseen real phantoms (seeds 30000..), whose tDice is the range a
+model's samples should reach: mean, median and range of tDice, how many reach 0.50, W1's range and
+how many are recognisable. Four samples decide little; 16 show how a model's samples spread.
 """
 import argparse
 import csv
@@ -63,6 +69,28 @@ def score_checkpoint(ckpt: pathlib.Path, refs: dict, sample_steps: int, device: 
             "recognisable": ok, "sample_steps": sample_steps}
 
 
+def score_shipped(n: int, sample_steps: int, device: str = "cpu") -> list:
+    """--shipped N: one summary line per set, real phantoms first, then each shipped teaching model."""
+    shape = dm.TEACHING_SHAPE
+    ref = Reference(shape)
+    sets = {"real phantoms": np.stack([dm.phantom(30_000 + i, shape)[0] for i in range(n)])}
+    for prediction in dm.PREDICTIONS:
+        model, meta = dm.load_model(dm.fetch(f"teaching_{prediction}"), device)
+        x = dm.sample(model, prediction, shape=(n, 1, *shape), steps=sample_steps,
+                      schedule=dm.Schedule.from_config(meta["schedule"]), generator=torch.Generator().manual_seed(0),
+                      progress=False)
+        sets[f"teaching_{prediction} @{meta['step']}"] = x[:, 0].cpu().numpy()
+    lines = []
+    for name, x in sets.items():
+        dice, w1 = np.array([ref.tdice(v) for v in x]), np.array([ref.w1(v) for v in x])
+        ok = int(((w1 <= 0.12) & (dice >= 0.45)).sum())
+        lines.append(f"{name:<26} tDice mean {dice.mean():.3f} median {np.median(dice):.3f} range {dice.min():.3f}-"
+                     f"{dice.max():.3f}, >= 0.50: {int((dice >= 0.5).sum())} of {n}; W1 {w1.min():.3f}-{w1.max():.3f}; "
+                     f"recognisable {ok} of {n}")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def seconds_per_step(prediction: str, shape: tuple, batch: int, unet: dict, steps: int, device: str = "cpu") -> float:
     """dm.train's seconds per step: ((2 + steps)-step run - 2-step run) / steps, fresh model each."""
     times = []
@@ -99,9 +127,14 @@ def main():
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--device", default="cpu", help="sample (and time, float32) on this device (default cpu)")
     parser.add_argument("--baselines", action="store_true", help="print the grid's baselines first")
+    parser.add_argument("--shipped", type=int, default=0, metavar="N",
+                        help="score the shipped teaching models with N samples each, beside N real phantoms, and stop")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.shipped:
+        score_shipped(args.shipped, args.sample_steps, args.device)
+        return
     rows = list(csv.DictReader(open(args.csv))) if args.csv.exists() else []
     seen = {(r["run"], int(r["step"]), int(r["sample_steps"])) for r in rows}
     refs = {}

@@ -71,7 +71,7 @@ def test_stored_without_outputs_and_valid(name):
 PREVIEWS = ROOT / "docs" / "previews"
 #: Notebooks with a rendered preview. Not 00 and 02 (the published weights cannot be fetched where the
 #: previews are rendered); 03 and 04 once the shipped velocity model is final.
-PREVIEWED = ["01_parameterizations", "05_inverse_problems"]
+PREVIEWED = ["01_parameterizations", "03_training", "05_inverse_problems"]
 
 
 def test_every_preview_is_checked():
