@@ -1758,7 +1758,7 @@ def train(model, data, prediction: str, steps: int, *, batch_size: int = 1, lr: 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     step, position, history, seconds, lr_steps = _restore(ckpt, model, ema, optimizer, scaler, prediction, schedule,
                                                           rank, world)
-    if lr_steps[-1][1] != lr:  # resumed at another learning rate: a step schedule, recorded from this step on
+    if not lr_steps or lr_steps[-1][1] != lr:  # a new run, or resumed at another rate: a step schedule
         lr_steps = lr_steps + [[step, lr]]
     for group in optimizer.param_groups:  # (the restored optimizer state carries the run's old rate)
         group["lr"] = lr
@@ -1930,9 +1930,9 @@ def _ema_update(pairs: list, decay: float) -> None:
 def _restore(ckpt, model, ema, optimizer, scaler, prediction: str, schedule: Schedule, rank: int, world: int) -> tuple:
     """Load a checkpoint's weights, optimizer, scaler and RNG states; returns (step, data position,
     loss history, training seconds so far, [[step, lr], ...] the learning rate from each step on),
-    (0, 0, [], 0.0, [[0, the optimizer's lr]]) for a fresh run."""
+    (0, 0, [], 0.0, []) for a fresh run."""
     if ckpt is None:
-        return 0, 0, [], 0.0, [[0, optimizer.param_groups[0]["lr"]]]
+        return 0, 0, [], 0.0, []
     meta = load_weights(model, ckpt / "model.safetensors")
     if meta.get("prediction") != prediction:
         raise ValueError(f"train: {ckpt} was trained for {meta.get('prediction')!r}, not {prediction!r}")

@@ -251,7 +251,7 @@ def test_resume_checks_the_prediction_and_the_process_count(tmp_path):
         resumed = dm._restore(state_file.parent, model, ema, optimizer, scaler, "velocity", dm.DEFAULT_SCHEDULE, 0, 1)
     assert torch.equal(torch.get_rng_state(), before)
     assert resumed[:2] == (2, 4) and len(resumed[2]) == 2 and resumed[3] > 0  # step, position, losses, seconds
-    assert dm._restore(None, *[None] * 4, "velocity", dm.DEFAULT_SCHEDULE, 0, 1) == (0, 0, [], 0.0)  # a fresh run
+    assert dm._restore(None, *[None] * 4, "velocity", dm.DEFAULT_SCHEDULE, 0, 1) == (0, 0, [], 0.0, [])  # a fresh run
 
 
 def test_training_helpers():
