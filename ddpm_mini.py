@@ -3172,8 +3172,6 @@ def _resume_options(args, ckpt, recipe: dict) -> dict:
         with torch.device("meta"):
             return UNet(**unets[name]).config
     same = {"unet": lambda a, b: config(a) == b}
-    if given["lr"] is not None and run["lr"] is not None and given["lr"] != run["lr"]:
-        print(f"train --resume: learning rate {run['lr']:g} until step {meta['step']}, {given['lr']:g} from there on")
     for key, value in given.items():
         if key == "lr":
             continue
@@ -3186,6 +3184,8 @@ def _resume_options(args, ckpt, recipe: dict) -> dict:
         if key in meta and json.loads(meta[key]) != wanted:
             raise ValueError(f"train --resume: {key} {wanted} (--recipe {args.recipe}) differs from the run's "
                              f"{json.loads(meta[key])} (recorded in {ckpt}); resume with the recipe the run started with")
+    if given["lr"] is not None and run["lr"] is not None and given["lr"] != run["lr"]:  # said once nothing is refused
+        print(f"train --resume: learning rate {run['lr']:g} until step {meta['step']}, {given['lr']:g} from there on")
     return {k: run[k] if given[k] is None and run[k] is not None else given[k] for k in given} | {"meta": meta}
 
 

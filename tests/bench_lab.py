@@ -132,6 +132,8 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.shipped < 0:
+        parser.error(f"--shipped takes a number of samples, 1 or more (0: off), got {args.shipped}")
     if args.shipped:
         score_shipped(args.shipped, args.sample_steps, args.device)
         return

@@ -6,8 +6,8 @@ For each run folder (a `python ddpm_mini.py train` output) it takes the EMA weig
 checkpoint (or --step N) and writes weights/teaching_<prediction>.safetensors in float16, with the
 metadata load_model needs (prediction, unet, schedule, shape) and how the model was trained (step,
 seconds, batch_size, lr and lr_steps, ema_decay, seed, the train command from --command, and the
-loss history as "history": the mean loss of every 10 steps). Before writing it checks that half precision does not
-change what the model draws: 4 samples (20 DDIM steps, seed 0) from the float32 and the float16
+loss history as "history": the mean loss of every 10 steps). Before writing it checks that half
+precision does not change what the model draws: 4 samples (20 DDIM steps, seed 0) from the float32 and the float16
 weights must agree within --tolerance (max |difference|, intensities in [-1, 1]) and get the same
 lab.PhantomScore verdicts. Then it writes the file's sha256 and size into the teaching_<prediction>
 row of data_manifest.csv (creating the row if needed) and prints them.

@@ -585,6 +585,8 @@ def test_cli_train_resume_refuses_other_settings_and_keeps_the_runs(tmp_path, ca
     meta = dm.load_model(out)[1]
     assert (meta["step"], meta["lr"], meta["batch_size"], meta["seed"], meta["shape"]) == ("2", "0.002", "1", "3", [16, 16, 16])
     capsys.readouterr()
+    assert dm.main(base + ["--resume", "--steps", "3", "--lr", "5e-4", "--seed", "0"]) == 1   # refused: says no rate
+    assert "learning rate" not in (said := capsys.readouterr()).out and "--seed 0 differs" in said.err
     assert dm.main(base + ["--resume", "--steps", "3", "--lr", "5e-4"]) == 0
     assert "train --resume: learning rate 0.002 until step 2, 0.0005 from there on" in capsys.readouterr().out
     assert dm.main(base + ["--resume", "--steps", "4"]) == 0                  # left out: the run's newest rate
