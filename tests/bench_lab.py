@@ -13,6 +13,8 @@ training grid and scores each with notebooks/lab.py's PhantomScore (built at tha
   tDice mean Dice over scalp, skull, CSF, cortex, WM (labels by the nearest PHANTOM_INTENSITIES
         mean) against the best-matching reference phantom.
 A sample is recognisable when W1 <= 0.12 and tDice >= 0.45; a model when 3 of its 4 samples are.
+--samples N draws N instead (the same seed: the first 4 are the 4-sample check's); the CSV keeps one
+row per run, step, sample steps and N, and the summary reads the 4-sample rows.
 Scores are cached in --csv (one row per run and step; scored checkpoints are not scored again), so
 the script can follow a run that is still training or was resumed across sittings.
 
@@ -51,12 +53,12 @@ def checkpoints(run: pathlib.Path) -> list:
     return sorted(done, key=lambda p: int(p.name[5:]))
 
 
-def score_checkpoint(ckpt: pathlib.Path, refs: dict, sample_steps: int, device: str = "cpu") -> dict:
+def score_checkpoint(ckpt: pathlib.Path, refs: dict, sample_steps: int, device: str = "cpu", n: int = 4) -> dict:
     model, meta = dm.load_model(ckpt, device)
     shape = tuple(meta["shape"])
     if shape not in refs:
         refs[shape] = Reference(shape)
-    x = dm.sample(model, meta["prediction"], shape=(4, 1, *shape), steps=sample_steps,
+    x = dm.sample(model, meta["prediction"], shape=(n, 1, *shape), steps=sample_steps,
                   schedule=dm.Schedule.from_config(meta["schedule"]), generator=torch.Generator().manual_seed(0),
                   progress=False)[:, 0].cpu().numpy()
     ref = refs[shape]
@@ -122,6 +124,8 @@ def main():
     parser.add_argument("--csv", type=pathlib.Path, default=pathlib.Path("docs/lab_runs.csv"),
                         help="score cache and record (default docs/lab_runs.csv)")
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per sample (default 20)")
+    parser.add_argument("--samples", type=int, default=4, metavar="N",
+                        help="samples per checkpoint (default 4; the first 4 of N are the 4-sample check's)")
     parser.add_argument("--every", type=int, default=1, help="score every k-th checkpoint only (default 1: all)")
     parser.add_argument("--speed", type=int, default=0, metavar="N", help="time N steps of dm.train per run (0: skip)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
@@ -132,13 +136,15 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.samples < 1:
+        parser.error(f"--samples takes a number of samples, 1 or more, got {args.samples}")
     if args.shipped < 0:
         parser.error(f"--shipped takes a number of samples, 1 or more (0: off), got {args.shipped}")
     if args.shipped:
         score_shipped(args.shipped, args.sample_steps, args.device)
         return
     rows = list(csv.DictReader(open(args.csv))) if args.csv.exists() else []
-    seen = {(r["run"], int(r["step"]), int(r["sample_steps"])) for r in rows}
+    seen = {(r["run"], int(r["step"]), int(r["sample_steps"]), len(r["tdice"].split())) for r in rows}
     refs = {}
     for run in args.runs:
         if args.baselines:
@@ -151,18 +157,21 @@ def main():
                 [(f"phantom {30_000 + i}", dm.phantom(30_000 + i, shape)[0]) for i in range(8)]
                 + [("blurred head", blur), ("noise", noise)]), flush=True)
         for ckpt in checkpoints(run)[args.every - 1::args.every]:
-            key = (run.name, int(ckpt.name[5:]), args.sample_steps)
+            key = (run.name, int(ckpt.name[5:]), args.sample_steps, args.samples)
             if key in seen:
                 continue
-            row = {"run": run.name, **score_checkpoint(ckpt, refs, args.sample_steps, args.device)}
+            row = {"run": run.name, **score_checkpoint(ckpt, refs, args.sample_steps, args.device, args.samples)}
             rows.append(row)
             seen.add(key)
-            print(f"{run.name} {ckpt.name}: W1 {row['w1']}, tDice {row['tdice']}, {row['recognisable']}/4", flush=True)
+            dice = [float(d) for d in row["tdice"].split()]
+            print(f"{run.name} {ckpt.name}: W1 {row['w1']}, tDice {row['tdice']} (mean {np.mean(dice):.3f}), "
+                  f"{row['recognisable']}/{args.samples}", flush=True)
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             with open(args.csv, "w", newline="") as f:
                 writer = csv.DictWriter(f, FIELDS)
                 writer.writeheader()
-                writer.writerows(sorted(rows, key=lambda r: (r["run"], int(r["sample_steps"]), int(r["step"]))))
+                writer.writerows(sorted(rows, key=lambda r: (r["run"], int(r["sample_steps"]), len(r["tdice"].split()),
+                                                             int(r["step"]))))
 
     summary(rows, args.runs and [r.name for r in args.runs], args)
 
@@ -175,7 +184,8 @@ def summary(rows: list, runs, args) -> None:
     print(f"\n{'run':22s} {'prediction':10s} {'grid':9s} {'scored to':>9s} {'first 3/4 at':>12s} "
           f"{'best tDice (4)':>26s} {'s/step':>7s} {'minutes':>8s}")
     for name in runs:
-        mine = sorted((r for r in rows if r["run"] == name and int(r["sample_steps"]) == args.sample_steps),
+        mine = sorted((r for r in rows if r["run"] == name and int(r["sample_steps"]) == args.sample_steps
+                       and len(r["tdice"].split()) == 4),
                       key=lambda r: int(r["step"]))
         if not mine:
             continue

@@ -13,7 +13,10 @@ and with each method (ddim, dpm++2m) at each of --steps, and compares every set 
   vol err mean over structures of mean |V - V_ref| / mean V_ref (the reference set's mean volume) of
           dm.segment_phantom's regional
           volumes (cortex, white matter, CSF, ventricles, thalamus, putamen; left and right merged).
-Prints one table per model and appends the rows to --csv. The teaching models are phantom models
+Sets are drawn in order of cost (the reference, then each step count with every method) and each
+row is printed and appended to --csv as soon as its set is drawn, so a run stopped part-way keeps
+what it finished. --dtype float32 (default) samples in full precision; on CUDA it also turns off
+TF32 in matmuls and convolutions, so that what differs between sets is the sampler, not the arithmetic. The teaching models are phantom models
 at 40 x 48 x 40: what they show about steps is a guide for the published models, not a measurement
 of them.
 """
@@ -50,6 +53,8 @@ def main():
     p.add_argument("--reference-steps", type=int, default=1000, help="DDIM steps of the reference (default 1000)")
     p.add_argument("--batch", type=int, default=16, help="samples per network call")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="CUDA precision (default float32, TF32 off; CPU always float32)")
     p.add_argument("--csv", type=pathlib.Path, help="append the rows here")
     p.add_argument("--cache", type=pathlib.Path, help="keep each drawn chunk of --batch samples here "
                    "(<model>_step<its training step>_<method>_<steps>_<first>-<end>.pt) and reuse it: a run "
@@ -57,7 +62,9 @@ def main():
                    "chunk under an hour on a 2-core CPU")
     args = p.parse_args()
     device = dm._device(args.device)
-    rows = []
+    if device.type == "cuda" and args.dtype == "float32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    where = f"{device} {args.dtype} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     for name in args.weights:
         source = name if pathlib.Path(name).exists() else dm.fetch(name)
         model, meta = dm.load_model(source, device)
@@ -76,7 +83,7 @@ def main():
                 return saved["x"], float(saved["seconds"])
             start = time.perf_counter()
             x = dm.sample(model, prediction, noise=noise[i:j], steps=steps, method=method, schedule=schedule,
-                          progress=False).cpu()[:, 0]
+                          progress=False, dtype=args.dtype if device.type == "cuda" else None).float().cpu()[:, 0]
             seconds = time.perf_counter() - start
             if kept:
                 kept.parent.mkdir(parents=True, exist_ok=True)
@@ -90,27 +97,24 @@ def main():
         score = PhantomScore(shape)
         ref, ref_seconds = draw("ddim", args.reference_steps)
         ref_volumes = volumes(ref)
-        print(f"{name} ({prediction}, {'x'.join(map(str, shape))}, {device}): reference DDIM "
+        found = [k for k in STRUCTURES if ref_volumes[k].mean() > 0]  # the segmenter found it in the reference
+        print(f"{name} ({prediction}, {'x'.join(map(str, shape))}, step {meta.get('step')}, {where}): reference DDIM "
               f"{args.reference_steps} steps in {ref_seconds:.0f} s", flush=True)
-        sets = [("ddim", args.reference_steps, ref, ref_seconds)]
-        for method in args.methods:
-            for steps in args.steps:
-                sets.append((method, steps, *draw(method, steps)))
         print(f"{'method':>8} {'steps':>5} {'RMSE':>7} {'max':>6} {'W1':>6} {'tDice':>6} {'ok':>5} {'vol err':>8} {'s':>7}")
-        for method, steps, x, seconds in sets:
+        sets = [("ddim", args.reference_steps)] + [(m, n) for n in sorted(args.steps) for m in args.methods]
+        for method, steps in sets:
+            x, seconds = (ref, ref_seconds) if (method, steps) == ("ddim", args.reference_steps) else draw(method, steps)
             v = volumes(x)
-            found = [k for k in STRUCTURES if ref_volumes[k].mean() > 0]  # the segmenter found it in the reference
             verr = float(np.mean([np.mean(np.abs(v[k] - ref_volumes[k])) / ref_volumes[k].mean() for k in found]))
             w1, td = [score.w1(s) for s in x], [score.tdice(s) for s in x]
-            row = {"model": name, "method": method, "steps": steps, "n": args.n,
+            row = {"model": f"{name}@{meta.get('step')}", "method": method, "steps": steps, "n": args.n,
                    "rmse": f"{np.sqrt(np.mean((x - ref) ** 2)):.4f}", "max_abs": f"{np.abs(x - ref).max():.3f}",
                    "w1": f"{np.mean(w1):.3f}", "tdice": f"{np.mean(td):.3f}",
                    "recognisable": sum(a <= 0.12 and b >= 0.45 for a, b in zip(w1, td)),
-                   "volume_error": f"{verr:.4f}", "seconds": f"{seconds:.1f}", "device": str(device)}
-            rows.append(row)
+                   "volume_error": f"{verr:.4f}", "seconds": f"{seconds:.1f}", "device": where}
+            append_rows(args.csv, FIELDS, [row])
             print(f"{method:>8} {steps:5d} {row['rmse']:>7} {row['max_abs']:>6} {row['w1']:>6} {row['tdice']:>6} "
                   f"{row['recognisable']:>2}/{args.n:<2} {row['volume_error']:>8} {seconds:7.1f}", flush=True)
-    append_rows(args.csv, FIELDS, rows)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,33 @@
 #   bash tests/gpu_checks.sh lab OUT        # teaching recipe on the GPU: speed alone, four teaching
 #                                           # runs at once, scores of every checkpoint, shipped files
 #   bash tests/gpu_checks.sh fullres OUT    # full-resolution MEDFORJ_UNET sampling (random weights)
-#                                           # in float16 / bfloat16 vs float32, and one DPS solve
+#                                           # in float16 / bfloat16 vs float32 (DDIM 64 steps and
+#                                           # dpm++2m at $FAST_STEPS), the U-Net beside MONAI, DPS solves
+#   bash tests/gpu_checks.sh resume OUT RUN # continue a run folder on the GPU (float32) for $MINUTES
+#                                           # minutes, checkpoints every 250 steps, each scored with
+#                                           # 16 samples; packs the newest full checkpoint and the EMA
+#                                           # weights of the best-scoring one into OUT
+#   bash tests/gpu_checks.sh steps OUT      # tests/bench_steps.py for the shipped flow, sample and
+#                                           # velocity models (float32, TF32 off), one process each
 #
+# Each step is cut at $DEADLINE_AT (a `date +%s` time; default: 520 s after this script started) so
+# that one call fits the lent machine's time; what a cut step finished is kept (rows are written as
+# they come).
 # Python packages the machine may lack (nibabel, pooch, platformdirs, monai) are installed from
 # .whl/ when that folder exists. Results land in OUT (logs, CSV, weights). Figures from these runs
 # are quoted in README and docs with the device they ran on.
 set -u
 mode=$1; out=$2; mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+deadline=${DEADLINE_AT:-$(($(date +%s) + 520))}
+left() { local l=$((deadline - $(date +%s))); [ "$l" -gt "$1" ] && echo "$1" || echo $((l > 1 ? l : 1)); }
+if [ -d .whl ]; then  # once per machine (several modes may start at once after a first call)
+  [ -d /tmp/site/pooch ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 recipe="--phantoms --size 40 48 40 --batch-size 2 --lr 1e-3 --seed 0 --device ${DEVICE:-cuda} --workers 3"
 
 if [ "$mode" = lab ]; then
@@ -65,9 +78,45 @@ EOF
 fi
 
 if [ "$mode" = fullres ]; then
-  python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --compare --steps "${STEPS:-64}" \
-    | tee "$out/sample_fullres.txt"
-  if [ -f tests/bench_inverse.py ]; then
-    python3 tests/bench_inverse.py --device cuda --dtype float16 | tee "$out/dps_fullres.txt"
-  fi
+  timeout $(left 200) python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --compare --steps "${STEPS:-64}" \
+    2>&1 | tee "$out/sample_fullres.txt"
+  timeout $(left 90) python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --method dpm++2m \
+    --steps "${FAST_STEPS:-20}" 2>&1 | tee -a "$out/sample_fullres.txt"
+  timeout $(left 150) python3 tests/bench_unet.py --device cuda --shapes 96,112,96 192,224,192 --rounds 1 \
+    2>&1 | tee "$out/unet_cuda.txt"
+  timeout $(left 150) python3 tests/bench_inverse.py --full --device cuda --dtype float16 --steps 8 \
+    --tasks ${DPS_TASKS:-slice_selection kspace_accel motion} 2>&1 | tee "$out/dps_fullres.txt"
+fi
+
+if [ "$mode" = resume ]; then
+  run=$3; name=$(basename "$run")
+  timeout $(left 400) python3 ddpm_mini.py train --phantoms --prediction "${PREDICTION:-velocity}" --out "$run" --resume \
+    --steps 40000 --minutes "${MINUTES:-3}" --checkpoint-every 250 --keep 200 --device "${DEVICE:-cuda}" --dtype float32 \
+    > "$out/train_$name.log" 2>&1
+  timeout $(left 120) python3 tests/bench_lab.py "$run" --samples "${SCORE_SAMPLES:-16}" --device "${DEVICE:-cuda}" \
+    --csv "$out/scores_$name.csv" > "$out/score_$name.log" 2>&1
+  python3 - "$run" "$out" <<'EOF'
+import csv, pathlib, subprocess, sys
+import numpy as np
+run, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+scores = out / f"scores_{run.name}.csv"
+rows = list(csv.DictReader(open(scores))) if scores.exists() else []
+newest = sorted((run / "checkpoints").glob("step_*"))[-1]
+keep = [str(p.relative_to(run.parent)) for p in (run / "history.csv", newest)]
+if rows:
+    best = max(rows, key=lambda r: np.mean([float(d) for d in r["tdice"].split()]))
+    print("best mean tDice:", best["step"], np.mean([float(d) for d in best["tdice"].split()]), "newest:", newest.name)
+    if f"step_{int(best['step']):06d}" != newest.name:
+        keep.append(str(run.relative_to(run.parent) / "checkpoints" / f"step_{int(best['step']):06d}" / "ema.safetensors"))
+subprocess.run(["tar", "cf", "/tmp/ckpt.tar", "-C", str(run.parent), *keep], check=True)
+subprocess.run(["split", "-b", "15M", "-d", "/tmp/ckpt.tar", str(out / f"ckpt_{run.name}.tar.")], check=True)
+EOF
+fi
+
+if [ "$mode" = steps ]; then
+  for m in ${STEPS_MODELS:-teaching_flow teaching_sample teaching_velocity}; do
+    timeout $(left ${STEPS_LIMIT:-400}) python3 tests/bench_steps.py --weights $m --device "${DEVICE:-cuda}" --dtype float32 \
+      --csv "$out/steps_$m.csv" ${STEPS_ARGS:-} > "$out/steps_$m.log" 2>&1 &
+  done
+  wait
 fi

@@ -176,19 +176,36 @@ def test_sample_uses_the_schedule_of_the_run(tmp_path, capsys):
     assert "steps must be an integer in 2..500" in capsys.readouterr().err
     assert dm.main(["sample", "--weights", str(tmp_path / "run"), "--steps", "2", "--seed", "3",
                     "--out", str(tmp_path / "s.nii.gz")]) == 0
-    assert "with the flow model on cpu, ddim, 2 linspace steps" in capsys.readouterr().out
+    assert "with the flow model on cpu, dpm++2m, 2 linspace steps" in capsys.readouterr().out  # the CLI's default
     written = np.asarray(nib.load(tmp_path / "s.nii.gz").dataobj)
 
     def made_with(schedule):
-        x = dm.sample(model, "flow", shape=(1, 1, 8, 8, 8), steps=2, schedule=schedule,
+        x = dm.sample(model, "flow", shape=(1, 1, 8, 8, 8), steps=2, schedule=schedule, method="dpm++2m",
                       generator=torch.Generator().manual_seed(3), progress=False)
         return dm.to_uint16(dm.normalize_intensity(x[0, 0]))
     assert np.array_equal(written, made_with(short))
     assert not np.array_equal(written, made_with(None))
 
 
+def test_sample_defaults_to_dpm_solver_at_50_steps_and_to_ddim_for_its_options(tmp_path, capsys):
+    """The CLI samples with DPM-Solver++(2M) at 50 steps unless told otherwise (chosen from README's steps
+    table); --eta or --paper-era without --method mean DDIM, and --method dpm++2m with them is refused."""
+    torch.manual_seed(0)
+    dm.train(dm.UNet(**MICRO_UNET), dm.PhantomDataset(shape=(8, 8, 8)), "flow", 1, out=tmp_path / "run", progress=False)
+    run = str(tmp_path / "run")
+    assert dm.main(["sample", "--weights", run, "--out", str(tmp_path / "a.nii.gz")]) == 0
+    assert "dpm++2m, 50 linspace steps" in capsys.readouterr().out
+    assert dm.main(["sample", "--weights", run, "--steps", "2", "--eta", "1", "--out", str(tmp_path / "b.nii.gz")]) == 0
+    assert "ddim, 2 linspace steps, eta 1.0" in capsys.readouterr().out
+    assert dm.main(["sample", "--weights", run, "--steps", "2", "--paper-era", "--out", str(tmp_path / "c.nii.gz")]) == 0
+    assert "ddim, 2 leading steps" in capsys.readouterr().out
+    assert dm.main(["sample", "--weights", run, "--method", "dpm++2m", "--eta", "1", "--out", str(tmp_path / "d.nii.gz")]) == 1
+    assert "--eta and --paper-era are DDIM's options" in capsys.readouterr().err
+    assert not (tmp_path / "d.nii.gz").exists()
+
+
 def test_readme_sample_command_fetches_the_pretrained_model(tmp_path, http_server, standin_weights, monkeypatch, capsys):
-    """README command (a), `sample --prediction flow --steps 64 --seed 0 --out sample_flow.nii.gz`, on a
+    """README command (a), `sample --prediction flow --seed 0 --out sample_flow.nii.gz`, on a
     small grid and 2 steps: the real manifest row, fetched from a loopback mirror holding a stand-in file."""
     root, base = http_server
     shutil.copyfile(standin_weights, root / "MedForj-weights-flow_ema.safetensors")

@@ -267,7 +267,7 @@ def test_comparison_summary_ranks_sets_by_distance_to_the_truth():
 # --- The shipped teaching models (docs/methods.md#teaching-models) --------------------------------
 
 #: Shipped models whose samples must be recognisable phantoms (lab.PhantomScore's criterion; a model needs 3
-#: of 4, and these draw 4 of 4 here, 16 of 16 over 16 samples with tissue Dice 0.46-0.54: README).
+#: of 4, and these draw 4 of 4 here, 16 of 16 over 16 samples with tissue Dice 0.46-0.59: README).
 #: Noise prediction is shipped and reported, not held to it (it does not learn the phantoms: see
 #: docs/methods.md#teaching-models for its scores).
 RECOGNISABLE = ("flow", "sample", "velocity")
@@ -277,7 +277,8 @@ RECOGNISABLE = ("flow", "sample", "velocity")
 def test_shipped_teaching_model_draws_what_its_row_promises(prediction, one_thread):
     """dm.fetch serves teaching_<p> from the checkout (no network: the cache is empty and no server
     runs), load_model reads its prediction, grid and schedule, and 4 samples (20 DDIM steps, seed 0)
-    are recognisable phantoms where RECOGNISABLE says so (W1 <= 0.12, tissue Dice >= 0.45)."""
+    are recognisable phantoms where RECOGNISABLE says so (W1 <= 0.12, tissue Dice >= 0.45), each with
+    tissue Dice 0.50 or more."""
     path = dm.fetch(f"teaching_{prediction}")
     assert path == ROOT / "weights" / f"teaching_{prediction}.safetensors"
     model, meta = dm.load_model(path, "cpu")
@@ -290,15 +291,19 @@ def test_shipped_teaching_model_draws_what_its_row_promises(prediction, one_thre
     score = lab.PhantomScore(dm.TEACHING_SHAPE)
     ok = sum(score.recognisable(v) for v in x)
     if prediction in RECOGNISABLE:
-        assert ok == 4, [round(score.tdice(v), 3) for v in x]
+        dice = [round(score.tdice(v), 3) for v in x]
+        assert ok == 4, dice
+        # the lab issue's bar, tissue Dice 0.50, at the scorer's two decimals (sample's weakest is 0.500)
+        assert min(dice) >= 0.495, dice
     else:
         assert ok == 0  # the row says: not recognisable; if this changes, update docs and this test
 
 
 def test_continue_teaching_model_starts_from_the_shipped_weights(tmp_path):
     """tests/continue_teaching_model.py: a new run from teaching_sample's weights with a fresh Adam and
-    the EMA at the shipped weights from step 1 (decay 0.999, no warm-up); --resume continues it, a
-    second start into the same folder is refused; init.json keeps the source's training record."""
+    the EMA at the shipped weights from step 1 (decay 0.999, no warm-up); --resume continues it (with
+    --lr, at a new rate from there on), a second start into the same folder or a resume naming another
+    source is refused; init.json keeps the source's training record."""
     script, out = ROOT / "tests" / "continue_teaching_model.py", tmp_path / "run"
 
     def run(*extra):
@@ -319,6 +324,13 @@ def test_continue_teaching_model_starts_from_the_shipped_weights(tmp_path):
     start = json.loads((out / "init.json").read_text())
     assert start["source"]["step"] == source["step"] and start["sha256"] == hashlib.sha256(
         dm.fetch("teaching_sample").read_bytes()).hexdigest()
+    # --resume reads the run folder (the source may be re-shipped meanwhile); --lr is a step schedule
+    assert run("--steps", "3", "--resume", "--lr", "1e-4").returncode == 0
+    _, meta = dm.load_model(out, "cpu")
+    assert meta["step"] == "3" and json.loads(meta["lr_steps"]) == [[0, 0.001], [2, 0.0001]]
+    other = subprocess.run([sys.executable, str(script), "teaching_flow", "--out", str(out), "--steps", "4", "--resume"],
+                           capture_output=True, text=True)
+    assert other.returncode != 0 and "was started from teaching_sample, not teaching_flow" in other.stderr
 
 
 def test_psnr():
