@@ -1,7 +1,7 @@
 """Benchmark (a script, not a test): one complete sample at full resolution, timed end to end.
 
-    python tests/bench_sample.py                                   # CPU, float32, 64 steps, 192x224x192
-    python tests/bench_sample.py --device cuda --dtype float16 bfloat16 --compare
+    python tests/bench_sample.py                      # CPU, float32, the CLI's default: dpm++2m, 50 steps, 192x224x192
+    python tests/bench_sample.py --device cuda --dtype float16 bfloat16 --compare --method ddim --steps 64
     python tests/bench_sample.py --weights medforj_flow --prediction flow      # the published weights
 
 The U-Net is MEDFORJ_UNET with random weights (torch.manual_seed(0)) unless --weights names a
@@ -35,7 +35,7 @@ def peak_rss_bytes() -> int:
 def one_sample(model, args, dtype: str, device: torch.device) -> tuple:
     shape = (1, 1, *args.shape)
     options = dict(steps=args.steps, dtype=None if device.type == "cpu" else dtype, progress=args.progress,
-                   **({"method": args.method} if args.method else {}))
+                   method=args.method)
     t = torch.full((1,), 500, dtype=torch.float32 if args.prediction == "rflow" else torch.long, device=device)
     with torch.inference_mode(), dm._autocast(device, options["dtype"] or "float32"):
         model(torch.zeros(shape, device=device), t)  # warm-up
@@ -56,8 +56,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--steps", type=int, default=64, help="sampling steps (default 64, the CLI's)")
-    p.add_argument("--method", help="sampler method (default: dm.sample's)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50, the CLI's)")
+    p.add_argument("--method", choices=dm.METHODS,
+                   help="sampler method (default as the CLI's: dpm++2m, ddim for an rflow model)")
     p.add_argument("--shape", type=int, nargs=3, default=list(dm.IMAGE_SHAPE))
     p.add_argument("--prediction", default="flow")
     p.add_argument("--weights", help="weights file or manifest name (default: random MEDFORJ_UNET weights)")
@@ -72,10 +73,11 @@ def main():
     else:
         torch.manual_seed(0)
         model = dm.UNet(**dm.MEDFORJ_UNET).to(device).eval()
+    args.method = args.method or ("ddim" if args.prediction == "rflow" else "dpm++2m")  # the CLI's default
     dtypes = list(args.dtype) + (["float32"] if args.compare and "float32" not in args.dtype else [])
     print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads); {args.prediction}, "
-          f"{'x'.join(map(str, args.shape))}, {args.steps} steps, method {args.method or 'default'}", flush=True)
+          f"{'x'.join(map(str, args.shape))}, {args.steps} steps, method {args.method}", flush=True)
     results = {}
     for dtype in dtypes:
         x, seconds, peak = one_sample(model, args, dtype, device)

@@ -78,7 +78,7 @@ EOF
 fi
 
 if [ "$mode" = fullres ]; then
-  timeout $(left 200) python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --compare --steps "${STEPS:-64}" \
+  timeout $(left 200) python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --compare --method ddim --steps "${STEPS:-64}" \
     2>&1 | tee "$out/sample_fullres.txt"
   timeout $(left 90) python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --method dpm++2m \
     --steps "${FAST_STEPS:-20}" 2>&1 | tee -a "$out/sample_fullres.txt"
