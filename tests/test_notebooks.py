@@ -70,8 +70,8 @@ def test_stored_without_outputs_and_valid(name):
 
 PREVIEWS = ROOT / "docs" / "previews"
 #: Notebooks with a rendered preview. Not 00 and 02 (the published weights cannot be fetched where the
-#: previews are rendered); 03 and 04 once the shipped velocity model is final.
-PREVIEWED = ["01_parameterizations", "03_training", "05_inverse_problems"]
+#: previews are rendered: with stand-in weights their images would be noise).
+PREVIEWED = ["01_parameterizations", "03_training", "04_evaluation", "05_inverse_problems"]
 
 
 def test_every_preview_is_checked():
