@@ -5,7 +5,7 @@
 #                                           # runs at once, scores of every checkpoint, shipped files
 #   bash tests/gpu_checks.sh fullres OUT    # full-resolution MEDFORJ_UNET sampling (random weights)
 #                                           # in float16 / bfloat16 vs float32 (DDIM 64 steps and
-#                                           # dpm++2m at $FAST_STEPS), the U-Net beside MONAI, DPS solves
+#                                           # dpm++2m at $FAST_STEPS, default 50: the CLI's), the U-Net beside MONAI, DPS solves
 #   bash tests/gpu_checks.sh resume OUT RUN # continue a run folder on the GPU (float32) for $MINUTES
 #                                           # minutes, checkpoints every 250 steps, each scored with
 #                                           # 16 samples; packs the newest full checkpoint and the EMA
@@ -81,7 +81,7 @@ if [ "$mode" = fullres ]; then
   timeout $(left 200) python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --compare --method ddim --steps "${STEPS:-64}" \
     2>&1 | tee "$out/sample_fullres.txt"
   timeout $(left 90) python3 tests/bench_sample.py --device cuda --dtype float16 bfloat16 --method dpm++2m \
-    --steps "${FAST_STEPS:-20}" 2>&1 | tee -a "$out/sample_fullres.txt"
+    --steps "${FAST_STEPS:-50}" 2>&1 | tee -a "$out/sample_fullres.txt"
   timeout $(left 150) python3 tests/bench_unet.py --device cuda --shapes 96,112,96 192,224,192 --rounds 1 \
     2>&1 | tee "$out/unet_cuda.txt"
   timeout $(left 150) python3 tests/bench_inverse.py --full --device cuda --dtype float16 --steps 8 \

@@ -125,7 +125,11 @@ def test_paper_era_sampler_takes_eps_from_the_raw_output(prediction, spacing):
 @pytest.mark.parametrize("steps", [10, 64])
 def test_paper_era_sampler_matches_monai_ddim_step(prediction, monai_name, steps):
     """The paper-era mode against MONAI's DDIMScheduler.step (which keeps the raw eps and steps to t - T // n)
-    run on the leading grid, with a small random U-Net: equal to 1e-5."""
+    run on the leading grid, with a small random U-Net: equal to 5e-5. MONAI keeps its schedule and does
+    the update in float32, the kit computes the schedule in float64; x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)
+    multiplies float32 rounding (6e-8 relative) by up to 1 / sqrt(abar_999) = 158, so after 64 steps single
+    voxels differ by about 1.5e-5 (seen with MONAI 1.6.1). The default mode (eps recomputed from the clipped
+    x0) differs from it by 4e-3 (velocity) to 1.9 (noise) here."""
     schedulers = pytest.importorskip("monai.networks.schedulers")
     model = randomize(dm.UNet(**TINY_UNET), seed=6).eval()
     noise = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -139,7 +143,7 @@ def test_paper_era_sampler_matches_monai_ddim_step(prediction, monai_name, steps
             x, _ = ddim.step(model(x, torch.full((1,), int(t))), int(t), x)
     ours = dm.sample(model, prediction, noise=noise, steps=steps, spacing="leading", recompute_eps=False, progress=False)
     assert [t for t, _ in dm.timestep_pairs(steps, "leading")] == ddim.timesteps.tolist()
-    np.testing.assert_allclose(ours.numpy(), x.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.numpy(), x.numpy(), rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("prediction", dm.PREDICTIONS)
