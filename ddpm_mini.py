@@ -2998,6 +2998,13 @@ def _writable_folder(folder, what: str) -> pathlib.Path:
     return folder
 
 
+def _cli_method(method, prediction: str, eta: float = 0.0, paper_era: bool = False) -> str:
+    """`sample`'s update rule when --method is not given: DPM-Solver++(2M) (README's steps table, measured
+    on the VP teaching models); DDIM for DDIM's own options (--eta, --paper-era) and for rflow, whose DDIM
+    step is the authors' Euler step (rflow is not in the table)."""
+    return method or ("ddim" if eta or paper_era or prediction == "rflow" else "dpm++2m")
+
+
 def _cmd_sample(args) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: sample i on rank i % world
     device = _device(args.device)
@@ -3005,9 +3012,7 @@ def _cmd_sample(args) -> int:
         raise ValueError(f"sample: --method {args.method} is deterministic and uses the clipped x0: --eta and "
                          "--paper-era are DDIM's options (use --method ddim)")
     model, meta, prediction, schedule = _model_for(args, device, "sample")
-    # the default: DPM-Solver++(2M) (README's steps table, measured on the VP teaching models); DDIM for
-    # DDIM's own options and for rflow, whose DDIM step is the authors' Euler step (rflow is not in the table)
-    args.method = args.method or ("ddim" if args.eta or args.paper_era or prediction == "rflow" else "dpm++2m")
+    args.method = _cli_method(args.method, prediction, args.eta, args.paper_era)
     shape = tuple(args.shape or meta.get("shape") or IMAGE_SHAPE)
     voxel_mm = 224 / max(meta.get("shape") or IMAGE_SHAPE)  # the trained grid's voxel: a larger --shape is a larger view
     if args.paper_era:
@@ -3130,6 +3135,9 @@ def _weights_source(value: str):
                             f"manifest (those are: {', '.join(names)})")
 
 
+_CLI_STEPS = 50  # sample's default step count, with _cli_method's dpm++2m (README's steps table)
+
+
 def _sample_parser(sub):
     p = _subcommand(sub, "sample", "generate volumes with DPM-Solver++(2M) or DDIM (NIfTI, LPS, uint16, 1 mm on the published grid and coarser voxels over "
                        "the same field of view on a smaller --shape, + a PNG of three slices); "
@@ -3139,7 +3147,8 @@ def _sample_parser(sub):
     p.add_argument("--weights", help="a .safetensors/.pt file instead of the pretrained model (ddpm-mini metadata gives its "
                    "U-Net, schedule and training size), a train output or checkpoint folder (its EMA weights), or "
                    "a manifest name such as teaching_flow")
-    p.add_argument("--steps", type=_COUNT, default=50, help="sampling steps, one network call each (default 50)")
+    p.add_argument("--steps", type=_COUNT, default=_CLI_STEPS, help=f"sampling steps, one network call each "
+                   f"(default {_CLI_STEPS})")
     p.add_argument("--method", choices=METHODS,
                    help="update rule: dpm++2m (default: DPM-Solver++(2M), second order, docs/math.md#dpm-solver-2m; at "
                         "50 steps it came closest to 1000-step DDIM in README's steps table) or ddim (the authors'; "

@@ -56,7 +56,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50, the CLI's)")
+    p.add_argument("--steps", type=int, default=dm._CLI_STEPS, help=f"sampling steps (default {dm._CLI_STEPS}, "
+                   "the CLI's)")
     p.add_argument("--method", choices=dm.METHODS,
                    help="sampler method (default as the CLI's: dpm++2m, ddim for an rflow model)")
     p.add_argument("--shape", type=int, nargs=3, default=list(dm.IMAGE_SHAPE))
@@ -73,7 +74,7 @@ def main():
     else:
         torch.manual_seed(0)
         model = dm.UNet(**dm.MEDFORJ_UNET).to(device).eval()
-    args.method = args.method or ("ddim" if args.prediction == "rflow" else "dpm++2m")  # the CLI's default
+    args.method = dm._cli_method(args.method, args.prediction)  # the CLI's default
     dtypes = list(args.dtype) + (["float32"] if args.compare and "float32" not in args.dtype else [])
     print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads); {args.prediction}, "
